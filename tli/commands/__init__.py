@@ -1,0 +1,1 @@
+"""One module per `tli` sub-command; each has ``register(subparsers)``."""

@@ -1,0 +1,75 @@
+"""Shared fixtures: the real bundled base model and tiny models built here (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "generation_config.json")
+
+
+def randomize_(model, seed: int = 0) -> None:
+    """Give every parameter random, non-trivial values (norm weights too), reproducibly."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.05
+            if "norm" in name:
+                p.copy_(1.0 + noise if p.abs().mean() > 0.5 else noise)  # Gemma norms are 1 + w
+            else:
+                p.copy_(noise)
+
+
+def save_tiny(model, out: Path, tokenizer_from: Path | None = None, **save_kw) -> Path:
+    """Save a tiny model as an HF folder, with the real tokenizer files when given."""
+    model.save_pretrained(out, **save_kw)
+    if tokenizer_from is not None:
+        for f in TOKENIZER_FILES:
+            if (tokenizer_from / f).is_file():
+                shutil.copyfile(tokenizer_from / f, out / f)
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_dir() -> Path:
+    """The real SmolLM2-135M-Instruct HF folder (converted from the bundled GGUF once, cached)."""
+    from tli.models import import_base
+
+    return import_base()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LlamaForCausalLM (4 layers, hidden 64) with the real SmolLM2 tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    randomize_(model, seed=0)
+    return save_tiny(model, tmp_path_factory.mktemp("tiny") / "model", base_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_injected_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_model_dir`` injected with TLI K=2, identity: 6 layers, new layers 2 and 5."""
+    from tli.config import InjectConfig
+    from tli.inject import run_inject
+
+    out = tmp_path_factory.mktemp("tiny_inj") / "model"
+    return run_inject(tiny_model_dir, out, InjectConfig(interval=2), progress=False)

@@ -114,8 +114,9 @@ def add_section_flags(
                 help=help_,
             )
         else:
-            conv = _scalar(tp)
             choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+            # str choices: let argparse say "invalid choice ... (choose from ...)"
+            conv = str if choices and all(isinstance(c, str) for c in choices) else _scalar(tp)
             group.add_argument(
                 flag,
                 dest=dest,

@@ -127,10 +127,21 @@ class EvalConfig(Section):
         ["arc_easy", "piqa", "hellaswag", "lambada"], description="lm-eval task names"
     )
     limit: int | None = Field(50, ge=1, description="items per task; None = all")
-    batch_size: int | Literal["auto"] = Field("auto", description="lm-eval batch size")
+    batch_size: int | Literal["auto"] = Field(
+        "auto", description="lm-eval batch size; auto = 16 on CPU, lm-eval's search on GPU"
+    )
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples")
     heldout: bool = Field(True, description="also report held-out loss")
     heldout_blocks: int = Field(64, ge=1, description="held-out blocks")
+    seq_len: int = Field(256, ge=8, description="tokens per held-out block")
+    bf16: bool = Field(True, description="held-out loss in bf16 autocast where supported")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1 or 'auto'")
+        return v
 
 
 class PipelineConfig(Section):

@@ -171,3 +171,12 @@ def test_real_process_exit_code_and_stderr(tmp_path: Path):
                         "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+
+
+def test_check_prints_zero_difference_for_identity(tiny_model_dir: Path, tiny_injected_dir: Path,
+                                                   capsys):
+    rc, out, _ = run_cli(capsys, "check", str(tiny_model_dir), str(tiny_injected_dir))
+    assert rc == 0
+    row = next(ln for ln in out.splitlines() if "max |logit diff|" in ln)
+    assert row.split("│")[-2].strip() == "0", row
+    assert "100%" in out

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "demo",
     "import_base",
     "inject",
+    "check",
     "data",
     "eval",
     "train",

@@ -88,6 +88,9 @@ class TrainConfig(Section):
     )
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     warmup: int = Field(10, ge=0, description="linear warmup steps")
+    min_lr_ratio: float = Field(
+        0.1, ge=0, le=1, description="cosine decay ends at this fraction of lr"
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
     seq_len: int = Field(256, ge=8, description="tokens per sequence")

@@ -245,7 +245,7 @@ def _model_card(plan: Plan, base_name: str, params_in: int, params_out: int) -> 
     lines = [
         f"# {base_name}, upscaled with tli ({plan.method})",
         "",
-        f"Made with [tli](https://pypi.org/project/tli/) {__version__} from `{base_name}`.",
+        f"Made with tli {__version__} (Transformer Layer Injection) from `{base_name}`.",
         "",
         "| | base | upscaled |",
         "|---|---:|---:|",

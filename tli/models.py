@@ -124,9 +124,12 @@ def load_causal_lm(model_dir: str | Path, dtype: Any = None) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from transformers.utils import logging as hf_logging
+
     from tli.inject import read_config
     from tli.stio import checkpoint_files
 
+    hf_logging.disable_progress_bar()  # one bar per load is noise in our tables and logs
     model_dir = Path(model_dir)
     read_config(model_dir)
     checkpoint_files(model_dir)  # refuses pickle-only folders before transformers sees them

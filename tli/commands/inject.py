@@ -81,6 +81,17 @@ def _print_plan(plan) -> None:
     Console().print(t)
 
 
+def ranges(xs: list[int]) -> str:
+    """[5, 11, 24, 25, 26] -> '5,11,24-26'."""
+    parts: list[str] = []
+    for x in xs:
+        if parts and parts[-1].split("-")[-1] == str(x - 1):
+            parts[-1] = parts[-1].split("-")[0] + f"-{x}"
+        else:
+            parts.append(str(x))
+    return ",".join(parts)
+
+
 def _print_summary(out) -> None:
     import json
 
@@ -95,6 +106,6 @@ def _print_summary(out) -> None:
     t.add_column("upscaled", justify="right")
     t.add_row("layers", str(plan["num_layers_in"]), str(plan["num_layers_out"]))
     t.add_row("parameters", f"{prov['parameters']['before']:,}", f"{prov['parameters']['after']:,}")
-    t.add_row("new layers", "", ",".join(map(str, plan["new_layers"])))
+    t.add_row("new layers", "", ranges(plan["new_layers"]))
     t.add_row("function-preserving", "", "yes" if plan["function_preserving"] else "no")
     Console().print(t)

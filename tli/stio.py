@@ -22,7 +22,8 @@ from tli.errors import TliError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
-_CHUNK = 64 * 1024 * 1024  # bytes per copy_file_range / zero-fill call
+_CHUNK = 64 * 1024 * 1024  # bytes per copy_file_range call
+_ZERO_CHUNK = 4 * 1024 * 1024  # zero-fill buffer: small, so peak memory stays flat
 
 DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
@@ -256,7 +257,7 @@ def _write_one(t: OutTensor, fd: int, src_fds: dict[Path, int]) -> None:
         copy_range(src_fds[t.src.file], fd, t.src.start, t.nbytes)
     elif t.kind == "zeros":
         left = t.nbytes
-        zeros = bytes(min(_CHUNK, left))
+        zeros = bytes(min(_ZERO_CHUNK, left))
         while left:
             n = os.write(fd, zeros[: min(len(zeros), left)])
             left -= n

@@ -134,7 +134,7 @@ class EvalConfig(Section):
         "auto", description="lm-eval batch size; auto = 16 on CPU, lm-eval's search on GPU"
     )
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples")
-    heldout: bool = Field(True, description="also report held-out loss")
+    heldout_loss: bool = Field(True, description="report held-out loss when data is given")
     heldout_blocks: int = Field(64, ge=1, description="held-out blocks")
     seq_len: int = Field(256, ge=8, description="tokens per held-out block")
     bf16: bool = Field(True, description="held-out loss in bf16 autocast where supported")

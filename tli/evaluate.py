@@ -300,7 +300,7 @@ def run_eval(
     if offline:
         check_eval_data()
     blocks = None
-    if heldout_data is not None and cfg.heldout:
+    if heldout_data is not None and cfg.heldout_loss:
         from tli.data import load_blocks
 
         blocks = load_blocks(heldout_data, model_dir, cfg.seq_len, "heldout")

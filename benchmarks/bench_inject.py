@@ -7,6 +7,11 @@ the child). Both read from the page cache after the first round, so the ratio co
 each does on the bytes, not the disk.
 
     .venv/bin/python benchmarks/bench_inject.py [--sizes 0.5,2] [--rounds 3] [--dir DIR]
+        [--mergekit PATH/TO/mergekit-yaml]
+
+With ``--mergekit``, mergekit's passthrough merge doing the same job (same layers, the new
+layers' o_proj and down_proj scaled by 0) runs in the same rounds. mergekit is not a dependency
+of tli: install it in a separate environment and pass its ``mergekit-yaml``.
 """
 
 from __future__ import annotations
@@ -14,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
@@ -64,18 +67,29 @@ def make_checkpoint(out: Path, gb: float, shard_gb: float = 1.0) -> tuple[int, i
     wmap, total = {}, 0
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {k: torch.randn(v, generator=g, dtype=torch.float32).to(torch.bfloat16)
-                   for k, v in shard.items()}
+        tensors = {
+            k: torch.randn(v, generator=g, dtype=torch.float32).to(torch.bfloat16)
+            for k, v in shard.items()
+        }
         save_file(tensors, out / fname, metadata={"format": "pt"})
         total += sum(t.numel() * 2 for t in tensors.values())
         wmap.update({k: fname for k in shard})
         del tensors
     (out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": wmap}))
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-           "num_hidden_layers": layers, "hidden_size": hidden, "intermediate_size": inter,
-           "vocab_size": vocab, "num_attention_heads": 16, "num_key_value_heads": 16,
-           "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+        json.dumps({"metadata": {"total_size": total}, "weight_map": wmap})
+    )
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "vocab_size": vocab,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+    }
     (out / "config.json").write_text(json.dumps(cfg))
     return layers, sum(f.stat().st_size for f in out.iterdir())
 
@@ -92,11 +106,32 @@ def measure(cmd: list[str]) -> tuple[float, int]:
     return wall, rss
 
 
+def mergekit_config(src: Path, layers: int, k: int) -> str:
+    """A mergekit passthrough config equal to `tli inject --interval k` (identity init)."""
+    lines = ["merge_method: passthrough", "dtype: bfloat16", "slices:"]
+    for start in range(0, layers, k):
+        end = min(start + k, layers)
+        lines += [f"  - sources: [{{model: {src}, layer_range: [{start}, {end}]}}]"]
+        if end - start == k:
+            lines += [
+                "  - sources:",
+                f"      - model: {src}",
+                f"        layer_range: [{end - 1}, {end}]",
+                "        parameters:",
+                "          scale:",
+                "            - {filter: o_proj, value: 0.0}",
+                "            - {filter: down_proj, value: 0.0}",
+                "            - {value: 1.0}",
+            ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="0.5,2", help="checkpoint sizes in GB")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--mergekit", default=None, help="mergekit-yaml executable to compare with")
     args = ap.parse_args()
     tli = str(Path(sys.executable).with_name("tli"))
     root = Path(args.dir or tempfile.mkdtemp(prefix="tli-bench-"))
@@ -105,27 +140,65 @@ def main() -> None:
         for gb in (float(x) for x in args.sizes.split(",")):
             src = root / f"src-{gb}"
             layers, nbytes = make_checkpoint(src, gb)
-            cp_t, tli_t, cp_rss, tli_rss = [], [], [], []
+            cp_t, tli_t, cp_rss, tli_rss, mk_t, mk_rss = [], [], [], [], [], []
+            mk_cfg = root / "mergekit.yaml"
+            mk_cfg.write_text(mergekit_config(src, layers, 4))
             for r in range(args.rounds + 1):  # round 0 warms the page cache, not counted
                 dst = root / "cp-out"
                 w, rss = measure(["cp", "-r", str(src), str(dst)])
                 shutil.rmtree(dst)
                 out = root / "tli-out"
-                w2, rss2 = measure([tli, "inject", "--model", str(src), "--out", str(out),
-                                    "--interval", "4", "--shard-size", "1GB", "--quiet"])
+                w2, rss2 = measure(
+                    [
+                        tli,
+                        "inject",
+                        "--model",
+                        str(src),
+                        "--out",
+                        str(out),
+                        "--interval",
+                        "4",
+                        "--shard-size",
+                        "1GB",
+                        "--quiet",
+                    ]
+                )
                 out_bytes = sum(f.stat().st_size for f in out.iterdir())
                 shutil.rmtree(out)
+                if args.mergekit:
+                    mk_out = root / "mk-out"
+                    w3, rss3 = measure(
+                        [
+                            args.mergekit,
+                            str(mk_cfg),
+                            str(mk_out),
+                            "--out-shard-size",
+                            "1B",
+                            "--lazy-unpickle",
+                            "--quiet",
+                        ]
+                    )
+                    shutil.rmtree(mk_out)
+                    if r:
+                        mk_t.append(w3), mk_rss.append(rss3)
                 if r:
                     cp_t.append(w), tli_t.append(w2), cp_rss.append(rss), tli_rss.append(rss2)
-            rows.append({
-                "size_gb": round(nbytes / 1e9, 2), "layers": f"{layers} -> {layers + layers // 4}",
-                "out_gb": round(out_bytes / 1e9, 2),
-                "cp_s": round(statistics.median(cp_t), 2),
-                "tli_s": round(statistics.median(tli_t), 2),
-                "ratio": round(statistics.median(b / a for a, b in zip(cp_t, tli_t)), 2),
-                "tli_peak_rss_mb": round(max(tli_rss) / 2**20),
-                "cp_peak_rss_mb": round(max(cp_rss) / 2**20),
-            })
+            rows.append(
+                {
+                    "size_gb": round(nbytes / 1e9, 2),
+                    "layers": f"{layers} -> {layers + layers // 4}",
+                    "out_gb": round(out_bytes / 1e9, 2),
+                    "cp_s": round(statistics.median(cp_t), 2),
+                    "tli_s": round(statistics.median(tli_t), 2),
+                    "ratio": round(statistics.median(b / a for a, b in zip(cp_t, tli_t, strict=True)), 2),
+                    "tli_peak_rss_mb": round(max(tli_rss) / 2**20),
+                    "cp_peak_rss_mb": round(max(cp_rss) / 2**20),
+                }
+            )
+            if mk_t:
+                rows[-1]["mergekit_s"] = round(statistics.median(mk_t), 2)
+                rows[-1]["mergekit_peak_rss_mb"] = round(max(mk_rss) / 2**20)
+            print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(src)
     finally:
         if not args.dir:

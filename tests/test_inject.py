@@ -101,12 +101,21 @@ def test_new_layers_are_copies_with_zeroed_output_projections(tmp_path: Path):
     out = run_inject(src, tmp_path / "up", InjectConfig(interval=3), progress=False)
     a, b = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
     # output layer 3 is new, copied from input layer 2; output 4 is input 3
-    for sfx in ("self_attn.q_proj.weight", "self_attn.q_proj.bias", "mlp.up_proj.weight",
-                "input_layernorm.weight", "post_attention_layernorm.weight"):
+    for sfx in (
+        "self_attn.q_proj.weight",
+        "self_attn.q_proj.bias",
+        "mlp.up_proj.weight",
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+    ):
         assert torch.equal(b[f"model.layers.3.{sfx}"], a[f"model.layers.2.{sfx}"]), sfx
         assert torch.equal(b[f"model.layers.4.{sfx}"], a[f"model.layers.3.{sfx}"]), sfx
-    for sfx in ("self_attn.o_proj.weight", "self_attn.o_proj.bias",
-                "mlp.down_proj.weight", "mlp.down_proj.bias"):
+    for sfx in (
+        "self_attn.o_proj.weight",
+        "self_attn.o_proj.bias",
+        "mlp.down_proj.weight",
+        "mlp.down_proj.bias",
+    ):
         assert not b[f"model.layers.3.{sfx}"].any(), f"{sfx} of the new layer is not zero"
         assert b[f"model.layers.2.{sfx}"].any()
     assert torch.equal(b["lm_head.weight"], a["lm_head.weight"])
@@ -118,20 +127,28 @@ def test_copy_interpolate_and_alpha(tmp_path: Path):
     src = build("llama", tmp_path / "base")
     a = load_file(src / "model.safetensors")
     copy = run_inject(src, tmp_path / "copy", InjectConfig(interval=2, init="copy"), progress=False)
-    interp = run_inject(src, tmp_path / "interp",
-                        InjectConfig(interval=2, init="interpolate", alpha=0.5), progress=False)
+    interp = run_inject(
+        src,
+        tmp_path / "interp",
+        InjectConfig(interval=2, init="interpolate", alpha=0.5),
+        progress=False,
+    )
     c, i = load_file(copy / "model.safetensors"), load_file(interp / "model.safetensors")
     w = "mlp.down_proj.weight"
     assert torch.equal(c[f"model.layers.2.{w}"], a[f"model.layers.1.{w}"])
     mean = (a[f"model.layers.1.{w}"] + a[f"model.layers.2.{w}"]) / 2
     torch.testing.assert_close(i[f"model.layers.2.{w}"], mean * 0.5)
     q = "self_attn.q_proj.weight"
-    torch.testing.assert_close(i[f"model.layers.2.{q}"], (a[f"model.layers.1.{q}"] + a[f"model.layers.2.{q}"]) / 2)
+    torch.testing.assert_close(
+        i[f"model.layers.2.{q}"], (a[f"model.layers.1.{q}"] + a[f"model.layers.2.{q}"]) / 2
+    )
     # a copy is not function-preserving: logits move
     assert (logits(src, IDS) - logits(copy, IDS)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize(("method", "kw", "layers"), [("dus", {"overlap": 2}, 8), ("stack", {}, 12)])
+@pytest.mark.parametrize(
+    ("method", "kw", "layers"), [("dus", {"overlap": 2}, 8), ("stack", {}, 12)]
+)
 def test_dus_and_stack_load_and_run(method, kw, layers, tmp_path: Path):
     src = build("qwen2", tmp_path / "base")
     out = run_inject(src, tmp_path / "up", InjectConfig(method=method, **kw), progress=False)
@@ -143,13 +160,15 @@ def test_dus_and_stack_load_and_run(method, kw, layers, tmp_path: Path):
 def test_sharded_input_and_output(tmp_path: Path):
     src = build("llama", tmp_path / "base", max_shard_size="40KB")
     assert (src / INDEX_FILE).is_file(), "the test model should be sharded"
-    out = run_inject(src, tmp_path / "up", InjectConfig(interval=3), progress=False,
-                     max_shard_bytes=60_000)
+    out = run_inject(
+        src, tmp_path / "up", InjectConfig(interval=3), progress=False, max_shard_bytes=60_000
+    )
     index = json.loads((out / INDEX_FILE).read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 2 and all((out / s).is_file() for s in shards)
-    assert index["metadata"]["total_size"] == sum(
-        (out / s).stat().st_size for s in shards) - sum(_header_size(out / s) for s in shards)
+    assert index["metadata"]["total_size"] == sum((out / s).stat().st_size for s in shards) - sum(
+        _header_size(out / s) for s in shards
+    )
     assert torch.equal(logits(src, IDS), logits(out, IDS))
 
 

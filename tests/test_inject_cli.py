@@ -39,8 +39,19 @@ def nothing_written(parent: Path) -> bool:
 def test_inject_cli_happy_path_and_flags_override_config(model: Path, tmp_path: Path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("inject:\n  method: tli\n  interval: 2\n  init: copy\ntrain:\n  steps: 3\n")
-    rc, out, _ = run_cli(capsys, "inject", "--model", str(model), "--out", str(tmp_path / "o"),
-                         "--config", str(cfg), "--init", "identity", "--quiet")
+    rc, out, _ = run_cli(
+        capsys,
+        "inject",
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path / "o"),
+        "--config",
+        str(cfg),
+        "--init",
+        "identity",
+        "--quiet",
+    )
     assert rc == 0
     plan = json.loads((tmp_path / "o" / "tli_plan.json").read_text())
     assert plan["num_layers_out"] == 6 and plan["params"]["init"] == "identity"
@@ -48,8 +59,19 @@ def test_inject_cli_happy_path_and_flags_override_config(model: Path, tmp_path: 
 
 
 def test_dry_run_writes_nothing(model: Path, tmp_path: Path, capsys):
-    rc, out, _ = run_cli(capsys, "inject", "--model", str(model), "--out", str(tmp_path / "o"),
-                         "--method", "dus", "--overlap", "1", "--dry-run")
+    rc, out, _ = run_cli(
+        capsys,
+        "inject",
+        "--model",
+        str(model),
+        "--out",
+        str(tmp_path / "o"),
+        "--method",
+        "dus",
+        "--overlap",
+        "1",
+        "--dry-run",
+    )
     assert rc == 0 and "dus 4 -> 6 layers" in out
     assert not (tmp_path / "o").exists()
 
@@ -58,8 +80,9 @@ def test_dry_run_writes_nothing(model: Path, tmp_path: Path, capsys):
 def pickle_only(tmp_path: Path) -> Path:
     d = tmp_path / "pickled"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
-                                              "num_hidden_layers": 2}))
+    (d / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2})
+    )
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04K\x01.")  # a pickle: must never be loaded
     return d
 
@@ -80,10 +103,15 @@ def gpt2_like(tmp_path: Path) -> Path:
 
     d = tmp_path / "gpt2"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"],
-                                              "model_type": "gpt2", "num_hidden_layers": 2}))
-    save_file({f"transformer.h.{i}.attn.c_proj.weight": torch.zeros(2, 2) for i in range(2)},
-              d / "model.safetensors")
+    (d / "config.json").write_text(
+        json.dumps(
+            {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "num_hidden_layers": 2}
+        )
+    )
+    save_file(
+        {f"transformer.h.{i}.attn.c_proj.weight": torch.zeros(2, 2) for i in range(2)},
+        d / "model.safetensors",
+    )
     return d
 
 
@@ -114,12 +142,17 @@ def test_bad_input_one_line_exit_2(case: str, model: Path, tmp_path: Path, capsy
 
 @pytest.mark.parametrize(
     ("fixture", "needle"),
-    [("pickle_only", "never unpickles"), ("corrupt", "corrupt safetensors header"),
-     ("gpt2_like", "architecture GPT2LMHeadModel is not supported")],
+    [
+        ("pickle_only", "never unpickles"),
+        ("corrupt", "corrupt safetensors header"),
+        ("gpt2_like", "architecture GPT2LMHeadModel is not supported"),
+    ],
 )
 def test_bad_model_folders(fixture: str, needle: str, request, tmp_path: Path, capsys):
     src = request.getfixturevalue(fixture)
-    rc, _, err = run_cli(capsys, "inject", "--model", str(src), "--out", str(tmp_path / "out" / "o"))
+    rc, _, err = run_cli(
+        capsys, "inject", "--model", str(src), "--out", str(tmp_path / "out" / "o")
+    )
     assert_one_line_error(rc, err, needle)
     assert nothing_written(tmp_path / "out")
 
@@ -128,28 +161,42 @@ def test_existing_output_needs_force(model: Path, tmp_path: Path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    rc, _, err = run_cli(capsys, "inject", "--model", str(model), "--out", str(out),
-                         "--interval", "2")
+    rc, _, err = run_cli(
+        capsys, "inject", "--model", str(model), "--out", str(out), "--interval", "2"
+    )
     assert_one_line_error(rc, err, "exists")
     assert (out / "keep.txt").read_text() == "mine"
-    rc, _, _ = run_cli(capsys, "inject", "--model", str(model), "--out", str(out), "--force",
-                       "--interval", "2", "--quiet")
+    rc, _, _ = run_cli(
+        capsys,
+        "inject",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--force",
+        "--interval",
+        "2",
+        "--quiet",
+    )
     assert rc == 0 and not (out / "keep.txt").exists() and (out / "tli_plan.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"], "temporary siblings left over"
 
 
 @pytest.mark.parametrize(
     ("text", "needle"),
-    [("inject: [unclosed\n", "invalid YAML"),
-     ("inject:\n  intervall: 3\n", "inject.intervall: unknown key"),
-     ("trian:\n  steps: 3\n", "trian: unknown key"),
-     ("- a list\n", "must be a mapping")],
+    [
+        ("inject: [unclosed\n", "invalid YAML"),
+        ("inject:\n  intervall: 3\n", "inject.intervall: unknown key"),
+        ("trian:\n  steps: 3\n", "trian: unknown key"),
+        ("- a list\n", "must be a mapping"),
+    ],
 )
 def test_bad_config_files(text: str, needle: str, model: Path, tmp_path: Path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
-    rc, _, err = run_cli(capsys, "inject", "--model", str(model), "--out", str(tmp_path / "o"),
-                         "--config", str(cfg))
+    rc, _, err = run_cli(
+        capsys, "inject", "--model", str(model), "--out", str(tmp_path / "o"), "--config", str(cfg)
+    )
     assert_one_line_error(rc, err, needle)
     assert not (tmp_path / "o").exists()
 
@@ -159,22 +206,36 @@ def test_import_gguf_rejects_non_gguf(tmp_path: Path, capsys):
     bad.write_bytes(b"NOPE" * 4)
     rc, _, err = run_cli(capsys, "import-gguf", str(bad), "--out", str(tmp_path / "o"))
     assert_one_line_error(rc, err, "not a GGUF file")
-    rc, _, err = run_cli(capsys, "import-gguf", str(tmp_path / "none.gguf"), "--out",
-                         str(tmp_path / "o"))
+    rc, _, err = run_cli(
+        capsys, "import-gguf", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "o")
+    )
     assert_one_line_error(rc, err, "does not exist")
     assert not (tmp_path / "o").exists()
 
 
 def test_real_process_exit_code_and_stderr(tmp_path: Path):
     """The installed entry point, as a user runs it: exit 2 and one line, no traceback."""
-    r = subprocess.run([sys.executable, "-m", "tli.cli", "inject", "--model", str(tmp_path / "x"),
-                        "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tli.cli",
+            "inject",
+            "--model",
+            str(tmp_path / "x"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
 
 
-def test_check_prints_zero_difference_for_identity(tiny_model_dir: Path, tiny_injected_dir: Path,
-                                                   capsys):
+def test_check_prints_zero_difference_for_identity(
+    tiny_model_dir: Path, tiny_injected_dir: Path, capsys
+):
     rc, out, _ = run_cli(capsys, "check", str(tiny_model_dir), str(tiny_injected_dir))
     assert rc == 0
     row = next(ln for ln in out.splitlines() if "max |logit diff|" in ln)

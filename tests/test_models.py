@@ -25,9 +25,10 @@ def test_import_gguf_converts_bundled_smollm2(base_dir: Path, tmp_path: Path, ca
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / f).is_file(), f
     # the conversion is deterministic: the same tensors as the cached base
-    with safe_open(out / "model.safetensors", "pt") as a, safe_open(
-        base_dir / "model.safetensors", "pt"
-    ) as b:
+    with (
+        safe_open(out / "model.safetensors", "pt") as a,
+        safe_open(base_dir / "model.safetensors", "pt") as b,
+    ):
         names = sorted(a.keys())
         assert names == sorted(b.keys()) and "lm_head.weight" not in names
         assert sum(_numel(a.get_slice(n).get_shape()) for n in names) == 134_515_008

@@ -11,7 +11,9 @@ DEFAULT_TEXT = (
 )
 
 
-def run_check(base_dir: str | Path, upscaled_dir: str | Path, text: str = DEFAULT_TEXT) -> dict[str, Any]:
+def run_check(
+    base_dir: str | Path, upscaled_dir: str | Path, text: str = DEFAULT_TEXT
+) -> dict[str, Any]:
     """Layers, parameters and the largest logit difference between two models on ``text``.
 
     Both are loaded in fp32 from their folders and run on the same tokens (the upscaled
@@ -51,7 +53,11 @@ def check_table(rows: dict[str, Any], title: str) -> Any:
     t.add_column("base", justify="right")
     t.add_column("upscaled", justify="right")
     t.add_row("layers", str(rows["base"]["layers"]), str(rows["upscaled"]["layers"]))
-    t.add_row("parameters", f"{rows['base']['parameters']:,}", f"{rows['upscaled']['parameters']:,}")
-    t.add_row(f"max |logit diff| ({rows['tokens']} tokens)", "", f"{rows['max_abs_logit_diff']:.3g}")
+    t.add_row(
+        "parameters", f"{rows['base']['parameters']:,}", f"{rows['upscaled']['parameters']:,}"
+    )
+    t.add_row(
+        f"max |logit diff| ({rows['tokens']} tokens)", "", f"{rows['max_abs_logit_diff']:.3g}"
+    )
     t.add_row("top-1 token agreement", "", f"{rows['top1_agreement']:.0%}")
     return t

@@ -150,8 +150,11 @@ def resolve_run_config(args: argparse.Namespace, sections: list[str]) -> RunConf
             merged = dict(data.get(section) or {})
             merged.update(flags)
             data[section] = merged
-    return validate(RunConfig, data, origin if not any(given_flags(args, s) for s in sections)
-                    else f"{origin} + flags")  # type: ignore[return-value]
+    return validate(
+        RunConfig,
+        data,
+        origin if not any(given_flags(args, s) for s in sections) else f"{origin} + flags",
+    )  # type: ignore[return-value]
 
 
 def resolve_section(args: argparse.Namespace, section: str) -> Section:

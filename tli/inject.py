@@ -115,7 +115,11 @@ def blend(sources: list, out_scale: float, residual_out: bool):
     """
     import torch
 
-    x = sources[0].float() if len(sources) == 1 else torch.stack([s.float() for s in sources]).mean(0)
+    x = (
+        sources[0].float()
+        if len(sources) == 1
+        else torch.stack([s.float() for s in sources]).mean(0)
+    )
     if residual_out:
         x = x * out_scale  # [*shape]
     return x.to(sources[0].dtype)
@@ -164,7 +168,9 @@ def plan_tensors(refs: dict[str, TensorRef], plan: Plan, spec: ArchSpec) -> list
         suffixes = by_layer[s.source]
         for other in s.sources[1:]:
             if by_layer[other].keys() != suffixes.keys():
-                raise TliError(f"layers {s.source} and {other} differ in tensors: cannot interpolate")
+                raise TliError(
+                    f"layers {s.source} and {other} differ in tensors: cannot interpolate"
+                )
         for sfx in sorted(suffixes):
             out.append(_out_tensor(spec.name(s.index, sfx), s, sfx, by_layer, spec))
     return out
@@ -407,7 +413,9 @@ def inject_in_memory(model: Any, plan: Plan) -> Any:
                 mod.layer_idx = i
     model.model.layers = torch.nn.ModuleList(new_layers)
     cfg = model.config
-    lists = {k: getattr(cfg, k) for k in spec.per_layer_lists if isinstance(getattr(cfg, k, None), list)}
+    lists = {
+        k: getattr(cfg, k) for k in spec.per_layer_lists if isinstance(getattr(cfg, k, None), list)
+    }
     for k, v in rewrite_config(cfg.to_dict(), plan, spec, lists).items():
         if k in lists or k in (spec.layer_count_field, "max_window_layers"):
             setattr(cfg, k, v)

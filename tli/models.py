@@ -123,7 +123,6 @@ def load_causal_lm(model_dir: str | Path, dtype: Any = None) -> Any:
     """Load an HF folder as AutoModelForCausalLM: safetensors only, never remote code."""
     import torch
     from transformers import AutoModelForCausalLM
-
     from transformers.utils import logging as hf_logging
 
     from tli.inject import read_config

@@ -177,7 +177,11 @@ def _header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
     header: dict[str, object] = {"__metadata__": metadata}
     off = 0
     for t in tensors:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [off, off + t.nbytes],
+        }
         off += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
@@ -264,7 +268,9 @@ def _write_one(t: OutTensor, fd: int, src_fds: dict[Path, int]) -> None:
     elif t.kind == "compute":
         assert t.compute is not None
         data = t.compute()
-        assert len(data) == t.nbytes, f"{t.name}: computed {len(data)} bytes, header says {t.nbytes}"
+        assert len(data) == t.nbytes, (
+            f"{t.name}: computed {len(data)} bytes, header says {t.nbytes}"
+        )
         view = memoryview(data)
         while view:
             n = os.write(fd, view)

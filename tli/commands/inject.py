@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from tli.cliflags import add_section_flags, resolve_section
+from tli.cliflags import add_section_flags
 from tli.errors import TliError
 
 
@@ -26,13 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Upscale an HF model folder in depth. Tensors are streamed shard by shard: "
         "the model is never held in memory. Writes the folder atomically.",
     )
-    p.add_argument("--model", required=False, help="input HF model folder (default: base.model "
-                   "from --config, else the bundled SmolLM2)")
+    p.add_argument(
+        "--model",
+        required=False,
+        help="input HF model folder (default: base.model from --config, else the bundled SmolLM2)",
+    )
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument("--config", help="run-config YAML; its inject section is used, flags override")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--shard-size", type=parse_size, default="5GB",
-                   help="max output shard size (default: 5GB)")
+    p.add_argument(
+        "--shard-size", type=parse_size, default="5GB", help="max output shard size (default: 5GB)"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_section_flags(p, "inject")
@@ -48,8 +52,11 @@ def handler(args: argparse.Namespace) -> int:
     run = resolve_run_config(args, ["inject"])
     cfg = run.inject
     if cfg.method != "tli":
-        set_tli = [k for k in ("init", "alpha", "source", "positions") if
-                   getattr(args, f"inject__{k}", None) is not None]
+        set_tli = [
+            k
+            for k in ("init", "alpha", "source", "positions")
+            if getattr(args, f"inject__{k}", None) is not None
+        ]
         if set_tli:
             raise TliError(f"--{set_tli[0]} applies to --method tli only, not {cfg.method}")
     model = args.model or run.base.model
@@ -61,8 +68,14 @@ def handler(args: argparse.Namespace) -> int:
         plan = plan_for_model_dir(model, cfg)
         _print_plan(plan)
         return 0
-    out = run_inject(Path(model), Path(args.out), cfg, force=args.force,
-                     max_shard_bytes=args.shard_size, progress=not args.quiet)
+    out = run_inject(
+        Path(model),
+        Path(args.out),
+        cfg,
+        force=args.force,
+        max_shard_bytes=args.shard_size,
+        progress=not args.quiet,
+    )
     _print_summary(out)
     return 0
 
@@ -76,8 +89,9 @@ def _print_plan(plan) -> None:
         t.add_column(col, justify="right" if col != "init" else "left")
     for s in plan.layers:
         style = "bold" if s.new else None
-        t.add_row(str(s.index), "+".join(map(str, s.sources)), s.init, f"{s.out_scale:g}",
-                  style=style)
+        t.add_row(
+            str(s.index), "+".join(map(str, s.sources)), s.init, f"{s.out_scale:g}", style=style
+        )
     Console().print(t)
 
 

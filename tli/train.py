@@ -155,8 +155,10 @@ def flops_per_token(model: Any, seq_len: int) -> float:
     per_layer = [count(layer) for layer in layers]
     trainable_layer = [count(layer, True) for layer in layers]
     fwd = 2.0 * (sum(per_layer) + n_head) + attn * len(layers)
-    lowest = 0 if emb_trainable else next(
-        (i for i, n in enumerate(trainable_layer) if n > 0), len(layers)
+    lowest = (
+        0
+        if emb_trainable
+        else next((i for i, n in enumerate(trainable_layer) if n > 0), len(layers))
     )
     any_trainable = emb_trainable or head_trainable or lowest < len(layers)
     bwd_act = 0.0
@@ -267,9 +269,7 @@ class StepRunner:
         import torch.distributed as dist
 
         if blocks.ndim != 2 or blocks.shape[1] != cfg.seq_len:
-            raise TliError(
-                f"training blocks must be [n, {cfg.seq_len}], got {tuple(blocks.shape)}"
-            )
+            raise TliError(f"training blocks must be [n, {cfg.seq_len}], got {tuple(blocks.shape)}")
         self.cfg = cfg
         self.blocks = blocks
         self.device = torch.device(device or ("cuda" if cfg.gpu else "cpu"))
@@ -453,7 +453,8 @@ class StepRunner:
         for name, st in osd.get("state", {}).items():
             for key, val in st.items():
                 if hasattr(val, "detach"):
-                    tensors[f"state/{name}/{key}"] = val.detach().cpu().contiguous()
+                    # A copy: on CPU .cpu() would alias the live state the optimizer updates.
+                    tensors[f"state/{name}/{key}"] = val.detach().to("cpu", copy=True)
                 else:
                     extra.setdefault(name, {})[key] = val
         meta = {"param_groups": osd.get("param_groups", []), "extra_state": extra}
@@ -636,9 +637,7 @@ def _save_hf(model: Any, sd: dict[str, torch.Tensor], out: Path, dtype: Any) -> 
             config.use_cache = use_cache
 
 
-def _load_checkpoint(
-    runner: StepRunner, folder: Path
-) -> list[dict[str, Any]]:
+def _load_checkpoint(runner: StepRunner, folder: Path) -> list[dict[str, Any]]:
     """Restore optimizer, schedule, counters and RNG from ``folder``; return the metrics so far."""
     import torch
     from safetensors.torch import load_file
@@ -788,7 +787,9 @@ def _check_model(model_dir: Path, cfg: TrainConfig) -> tuple[dict[str, Any], Any
     try:
         plan = read_plan(model_dir)
     except (ValueError, KeyError) as e:
-        raise TliError(f"{model_dir}/tli_plan.json is unreadable ({e}): re-run tli inject") from None
+        raise TliError(
+            f"{model_dir}/tli_plan.json is unreadable ({e}): re-run tli inject"
+        ) from None
     if cfg.freeze == "original":
         if plan is None:
             raise TliError(
@@ -796,9 +797,7 @@ def _check_model(model_dir: Path, cfg: TrainConfig) -> tuple[dict[str, Any], Any
                 "layers are new: train an injected model (tli inject) or use --freeze none"
             )
         if not plan.new_layers:
-            raise TliError(
-                f"the plan in {model_dir} injects no new layers: use --freeze none"
-            )
+            raise TliError(f"the plan in {model_dir} injects no new layers: use --freeze none")
         n = config.get("num_hidden_layers")
         if isinstance(n, int) and max(plan.new_layers) >= n:
             raise TliError(
@@ -1017,7 +1016,7 @@ def run_train(
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,
-            backend_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
+            torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
             scaling_config=ScalingConfig(
                 num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=resources
             ),
@@ -1033,9 +1032,7 @@ def run_train(
     if result.checkpoint is None:
         raise RuntimeError("Ray Train finished without a final checkpoint")
     final = Path(result.checkpoint.path)
-    history = [
-        json.loads(x) for x in (final / CKPT_METRICS).read_text().splitlines() if x.strip()
-    ]
+    history = [json.loads(x) for x in (final / CKPT_METRICS).read_text().splitlines() if x.strip()]
     _finish(model_dir, partial, final, history, cfg, config, plan,
             timing={"wall_s": wall, "ray_init_s": t_ray}, keep_checkpoints=keep_checkpoints,
             data=paths)  # fmt: skip

@@ -94,16 +94,21 @@ def make_checkpoint(out: Path, gb: float, shard_gb: float = 1.0) -> tuple[int, i
     return layers, sum(f.stat().st_size for f in out.iterdir())
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
+def measure(cmd: list[str]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system) and peak RSS (bytes) of one command.
+
+    Each command runs under a fresh python, so ru_maxrss of its children is that command's own.
+    CPU seconds are reported too: on a shared machine they move far less than wall time.
+    """
     code = (
         "import resource,subprocess,sys,time,json;t=time.perf_counter();"
         f"subprocess.run({cmd!r},check=True,stdout=subprocess.DEVNULL);"
-        "w=time.perf_counter()-t;"
-        "print(json.dumps([w,resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss*1024]))"
+        "w=time.perf_counter()-t;r=resource.getrusage(resource.RUSAGE_CHILDREN);"
+        "print(json.dumps([w,r.ru_utime+r.ru_stime,r.ru_maxrss*1024]))"
     )
     r = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    wall, rss = json.loads(r.stdout)
-    return wall, rss
+    wall, cpu, rss = json.loads(r.stdout)
+    return wall, cpu, rss
 
 
 def mergekit_config(src: Path, layers: int, k: int) -> str:
@@ -141,14 +146,15 @@ def main() -> None:
             src = root / f"src-{gb}"
             layers, nbytes = make_checkpoint(src, gb)
             cp_t, tli_t, cp_rss, tli_rss, mk_t, mk_rss = [], [], [], [], [], []
+            cp_cpu, tli_cpu, mk_cpu = [], [], []
             mk_cfg = root / "mergekit.yaml"
             mk_cfg.write_text(mergekit_config(src, layers, 4))
             for r in range(args.rounds + 1):  # round 0 warms the page cache, not counted
                 dst = root / "cp-out"
-                w, rss = measure(["cp", "-r", str(src), str(dst)])
+                w, c, rss = measure(["cp", "-r", str(src), str(dst)])
                 shutil.rmtree(dst)
                 out = root / "tli-out"
-                w2, rss2 = measure(
+                w2, c2, rss2 = measure(
                     [
                         tli,
                         "inject",
@@ -167,7 +173,7 @@ def main() -> None:
                 shutil.rmtree(out)
                 if args.mergekit:
                     mk_out = root / "mk-out"
-                    w3, rss3 = measure(
+                    w3, c3, rss3 = measure(
                         [
                             args.mergekit,
                             str(mk_cfg),
@@ -180,9 +186,10 @@ def main() -> None:
                     )
                     shutil.rmtree(mk_out)
                     if r:
-                        mk_t.append(w3), mk_rss.append(rss3)
+                        mk_t.append(w3), mk_rss.append(rss3), mk_cpu.append(c3)
                 if r:
                     cp_t.append(w), tli_t.append(w2), cp_rss.append(rss), tli_rss.append(rss2)
+                    cp_cpu.append(c), tli_cpu.append(c2)
             rows.append(
                 {
                     "size_gb": round(nbytes / 1e9, 2),
@@ -190,13 +197,18 @@ def main() -> None:
                     "out_gb": round(out_bytes / 1e9, 2),
                     "cp_s": round(statistics.median(cp_t), 2),
                     "tli_s": round(statistics.median(tli_t), 2),
-                    "ratio": round(statistics.median(b / a for a, b in zip(cp_t, tli_t, strict=True)), 2),
+                    "ratio": round(
+                        statistics.median(b / a for a, b in zip(cp_t, tli_t, strict=True)), 2
+                    ),
+                    "cp_cpu_s": round(statistics.median(cp_cpu), 2),
+                    "tli_cpu_s": round(statistics.median(tli_cpu), 2),
                     "tli_peak_rss_mb": round(max(tli_rss) / 2**20),
                     "cp_peak_rss_mb": round(max(cp_rss) / 2**20),
                 }
             )
             if mk_t:
                 rows[-1]["mergekit_s"] = round(statistics.median(mk_t), 2)
+                rows[-1]["mergekit_cpu_s"] = round(statistics.median(mk_cpu), 2)
                 rows[-1]["mergekit_peak_rss_mb"] = round(max(mk_rss) / 2**20)
             print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(src)

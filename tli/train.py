@@ -671,6 +671,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     Keys of ``config``:
         ``train``: a :class:`TrainConfig` as a dict. ``model_dir``: the HF folder to start from
         (every worker reads it, so on a cluster it must be on shared storage).
+        ``build_model`` (instead of ``model_dir``; Ray Tune trials): a picklable callable
+        returning the model to train, built in memory (see :func:`tli.tune.build_trial_model`).
         ``train_blocks`` / ``val_blocks``: tensors or Ray object refs of them (``val_blocks``
         may be None). ``new_layers``: decoder layers trained under ``original``.
         Optional: ``threads`` (torch threads per worker), ``peak_flops``, ``report_every``
@@ -701,8 +703,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     report_every = int(config.get("report_every") or 10)
     with contextlib.ExitStack() as stack:
         ckpt_dir = Path(stack.enter_context(ckpt.as_directory())) if ckpt else None
-        source = ckpt_dir / CKPT_MODEL if ckpt_dir else Path(config["model_dir"])
-        model = load_causal_lm(source)
+        # --- hook for tli.tune: a trial builds its upscaled model in memory from the shared
+        # base (config["build_model"], a picklable no-argument callable) instead of a folder.
+        build_model = config.get("build_model")
+        if ckpt_dir is None and build_model is not None:
+            model = build_model()
+        else:
+            source = ckpt_dir / CKPT_MODEL if ckpt_dir else Path(config["model_dir"])
+            model = load_causal_lm(source)
+        # --- end of the tli.tune hook
         blocks = _materialise(config["train_blocks"])
         val = _materialise(config.get("val_blocks"))
         runner = StepRunner(

@@ -612,6 +612,7 @@ def run_data_build(
         tok_fp = tokenizer_fingerprint(tokenizer_dir)
         for s in SPLITS:
             splits[s]["tokens"] = int(load_token_stream(tmp, tokenizer_dir, s).numel())
+            splits[s]["blocks"] = splits[s]["tokens"] // cfg.seq_len  # of data.seq_len tokens
         sources = []
         for name, st in stats.items():
             src = BUNDLED.get(name)

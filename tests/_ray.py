@@ -15,6 +15,7 @@ from collections.abc import Iterator
 # Ray Train V2 waits for a controller poll in every ray.train.report(); the default interval
 # (2 s) dominates short test runs. Must be set before Ray (and the Train controller) starts.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else each worker line shows twice
 
 
 def short_temp_dir(area: str) -> str:

@@ -252,6 +252,8 @@ class StepRunner:
         distributed: wrap the model for ``torch.distributed`` (DDP, or FSDP2 with ``cfg.fsdp``)
             when the process group has more than one rank.
         peak_flops: peak FLOP/s of one device, for MFU; None = no MFU.
+        compile: run the model through ``torch.compile`` (GPU speed; same results up to
+            floating-point reordering).
     """
 
     def __init__(
@@ -264,6 +266,7 @@ class StepRunner:
         device: Any = None,
         distributed: bool = False,
         peak_flops: float | None = None,
+        compile: bool = False,
     ) -> None:
         import torch
         import torch.distributed as dist
@@ -294,6 +297,8 @@ class StepRunner:
         self.model = model
         if self.world > 1:
             self.model = self._wrap(model)
+        if compile:
+            self.model = torch.compile(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]  # norms and biases: no weight decay
@@ -405,6 +410,7 @@ class StepRunner:
             "tokens_per_s": tps,
             "mfu": mfu,
             "elapsed": self.elapsed,
+            "wall_time": time.time(),  # end of this step; steady-state rates include loop overhead
         }
 
     def evaluate(self, blocks: torch.Tensor, batch_size: int = 8) -> float:
@@ -559,6 +565,7 @@ def train_in_memory(
     device: Any = None,
     peak_flops: float | None = None,
     progress: bool = False,
+    compile: bool = False,
 ) -> list[dict[str, Any]]:
     """Train an in-memory model for ``cfg.steps`` steps in this process (no Ray, no files).
 
@@ -577,12 +584,13 @@ def train_in_memory(
         device: where to train; None = cuda if ``cfg.gpu`` else cpu.
         peak_flops: peak FLOP/s of the device, for MFU.
         progress: print a live line per step on stderr.
+        compile: ``torch.compile`` the model (see :class:`StepRunner`).
 
     Returns:
         Every step's metrics, in order.
     """
     runner = StepRunner(model, blocks, cfg, new_layers=new_layers, device=device,
-                        peak_flops=peak_flops)  # fmt: skip
+                        peak_flops=peak_flops, compile=compile)  # fmt: skip
     history = []
     for _ in range(cfg.steps):
         m = runner.train_step()
@@ -675,7 +683,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         returning the model to train, built in memory (see :func:`tli.tune.build_trial_model`).
         ``train_blocks`` / ``val_blocks``: tensors or Ray object refs of them (``val_blocks``
         may be None). ``new_layers``: decoder layers trained under ``original``.
-        Optional: ``threads`` (torch threads per worker), ``peak_flops``, ``report_every``
+        Optional: ``threads`` (torch threads per worker), ``peak_flops``, ``compile``,
+        ``report_every``
         (steps between metric-only reports; default 10), ``fail_at_step`` and ``fail_marker``
         (fault injection for tests and drills: the last worker raises once at that step).
 
@@ -689,6 +698,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from tli.models import load_causal_lm
 
     cfg = TrainConfig.model_validate(config["train"])
+    _quiet_ray_train_reports()
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
     ctx = ray.train.get_context()
@@ -717,6 +727,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         runner = StepRunner(
             model, blocks, cfg, new_layers=config.get("new_layers"), device=device,
             distributed=world > 1, peak_flops=config.get("peak_flops"),
+            compile=bool(config.get("compile")),
         )  # fmt: skip
         history: list[dict[str, Any]] = []
         if ckpt_dir is not None:
@@ -760,6 +771,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
         elif step % report_every == 0:
             ray.train.report(metrics)
+
+
+def _quiet_ray_train_reports() -> None:
+    """Drop Ray Train's INFO line per ``report()`` (it would drown the live step line)."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray layout: keep its logging as it is
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def _placement(rank: int, world: int, device: Any) -> list[dict[str, Any]]:
@@ -829,6 +851,14 @@ def _latest_checkpoint(partial: Path) -> Path | None:
     return max(done, key=lambda d: d.name) if done else None
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _local_ray_dir() -> str:
     # Unix socket paths must stay under 107 bytes: a short folder of our own, never /tmp/ray
     # (another Ray on the same machine may own it).
@@ -845,6 +875,8 @@ def ray_session(address: str | None, *, num_cpus: int | None = None):
     # Must be in the environment before the Train controller starts: Ray Train V2 polls its
     # workers at this interval, and each ray.train.report() waits for a poll (default 2 s).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    # Ray Train's print patch sends each worker print() to its log as well: lines show twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     import ray
 
     if ray.is_initialized():
@@ -859,8 +891,10 @@ def ray_session(address: str | None, *, num_cpus: int | None = None):
             ray.shutdown()
         return
     tmp = _local_ray_dir()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=tmp,
-             log_to_driver=True)  # fmt: skip
+    # The dashboard hosts the State API that Ray Train's placement-group cleaner polls; a free
+    # port of our own so that another Ray on this machine (on 8265) is no obstacle.
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=_free_port(),
+             _temp_dir=tmp, log_to_driver=True)  # fmt: skip
     try:
         yield True
     finally:
@@ -884,6 +918,7 @@ def run_train(
     report_every: int = 10,
     keep_checkpoints: bool = False,
     fail_at_step: int | None = None,
+    compile: bool = False,
 ) -> Path:
     """Continue pretraining ``model_dir`` on ``data`` with Ray Train; write ``out_dir``.
 
@@ -911,6 +946,7 @@ def run_train(
         report_every: steps between metric reports to Ray Train (each costs a barrier).
         keep_checkpoints: keep Ray Train's checkpoints under ``<out_dir>/ray``.
         fail_at_step: fault drill: the last worker fails once when reaching this step.
+        compile: ``torch.compile`` the model in each worker (for GPUs).
 
     Returns:
         ``out_dir``.
@@ -995,7 +1031,13 @@ def run_train(
     except OSError as e:
         raise TliError(f"cannot write to {partial.parent}: {e.strerror}") from None
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t_start = time.perf_counter()
@@ -1016,6 +1058,7 @@ def run_train(
             "threads": threads or max(1, int(cpw)),
             "peak_flops": peak_tflops * 1e12 if peak_tflops else None,
             "report_every": report_every,
+            "compile": compile,
             "fail_at_step": fail_at_step,
             "fail_marker": str((partial / f".fail_once_step{fail_at_step}").resolve()),
         }
@@ -1034,6 +1077,8 @@ def run_train(
                 storage_path=str(partial.resolve()),
                 failure_config=FailureConfig(max_failures=max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                # Ray Train's own INFO lines (one per report) would drown the live step line.
+                logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
         result = trainer.fit()

@@ -63,6 +63,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="steps between metric reports to Ray Train (default: 10)",
     )
     p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model in each worker (GPUs)"
+    )
+    p.add_argument(
         "--keep-checkpoints", action="store_true", help="keep Ray Train's checkpoints in OUT/ray"
     )
     add_section_flags(p, "train")
@@ -96,6 +99,7 @@ def handler(args: argparse.Namespace) -> int:
             max_failures=args.max_failures,
             report_every=args.report_every,
             keep_checkpoints=args.keep_checkpoints,
+            compile=args.compile,
         )
     except TliError:
         raise

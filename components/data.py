@@ -1,0 +1,33 @@
+"""Component: build the training / validation / held-out corpus (stage ``data``)."""
+
+from typing import Optional
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def build_data(
+    store: str,
+    ray_address: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
+    rerun: list,
+    data_config: str,
+    base: Input[Artifact],
+    result: Output[Artifact],
+):
+    """Build the corpus with the base model's tokenizer (stage ``data``)."""
+    from tli.runner import run_component
+
+    result.metadata.update(
+        run_component(
+            "data",
+            store=store,
+            ray_address=ray_address,
+            sections={"data": data_config},
+            inputs={"base": base.path},
+            rerun=rerun,
+            output=result.path,
+        )
+    )

@@ -1,0 +1,32 @@
+"""Component: the base model as a stage version (bundled SmolLM2, or ``base.model``)."""
+
+from typing import Optional
+
+from kfp import dsl
+from kfp.dsl import Artifact, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def import_base(
+    store: str,
+    ray_address: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
+    rerun: list,
+    base_config: str,
+    result: Output[Artifact],
+):
+    """Import the base model into the store (stage ``import-base``)."""
+    from tli.runner import run_component
+
+    result.metadata.update(
+        run_component(
+            "import-base",
+            store=store,
+            ray_address=ray_address,
+            sections={"base": base_config},
+            inputs={},
+            rerun=rerun,
+            output=result.path,
+        )
+    )

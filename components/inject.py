@@ -1,0 +1,34 @@
+"""Component: inject layers with the tune stage's winning plan (stage ``inject``)."""
+
+from typing import Optional
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def inject(
+    store: str,
+    ray_address: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
+    rerun: list,
+    inject_config: str,
+    base: Input[Artifact],
+    tune: Input[Artifact],
+    result: Output[Artifact],
+):
+    """Write the upscaled model (stage ``inject``)."""
+    from tli.runner import run_component
+
+    result.metadata.update(
+        run_component(
+            "inject",
+            store=store,
+            ray_address=ray_address,
+            sections={"inject": inject_config},
+            inputs={"base": base.path, "tune": tune.path},
+            rerun=rerun,
+            output=result.path,
+        )
+    )

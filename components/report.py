@@ -1,0 +1,49 @@
+"""Component: the run's report, report.md and report.html with plots (stage ``report``)."""
+
+from typing import Optional
+
+from kfp import dsl
+from kfp.dsl import Artifact, Input, Output
+
+from components import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def report(
+    store: str,
+    ray_address: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
+    rerun: list,
+    base: Input[Artifact],
+    data: Input[Artifact],
+    tune: Input[Artifact],
+    inject: Input[Artifact],
+    train: Input[Artifact],
+    eval_base: Input[Artifact],
+    eval_injected: Input[Artifact],
+    eval_trained: Input[Artifact],
+    result: Output[Artifact],
+):
+    """Write the report of the run (stage ``report``)."""
+    from tli.runner import run_component
+
+    inputs = {
+        "base": base.path,
+        "data": data.path,
+        "tune": tune.path,
+        "inject": inject.path,
+        "train": train.path,
+        "eval_base": eval_base.path,
+        "eval_injected": eval_injected.path,
+        "eval_trained": eval_trained.path,
+    }
+    result.metadata.update(
+        run_component(
+            "report",
+            store=store,
+            ray_address=ray_address,
+            sections={},
+            inputs=inputs,
+            rerun=rerun,
+            output=result.path,
+        )
+    )

@@ -122,31 +122,46 @@ def list_tasks_text() -> str:
     return "\n".join(lines)
 
 
-def _not_custom_kwargs_hint(record: logging.LogRecord) -> bool:
-    # lm-eval prints a two-line hint about `--metadata` for every task with a custom loader.
-    return "Custom kwargs can be passed" not in record.getMessage()
+class _DropHints(logging.Filter):
+    """Drop lm-eval's hints that do not apply to how tli calls it."""
+
+    HINTS = (
+        "Custom kwargs can be passed",  # printed for every task with a custom loader
+        "model kwarg is not of type `str`",  # we pass a loaded model on purpose
+        "Passed an already-initialized model",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(h in msg for h in self.HINTS)
+
+
+_DROP_HINTS = _DropHints()
+_HINT_LOGGERS = ("lm_eval.api.task", "lm_eval.models.huggingface")
 
 
 @contextmanager
 def _quiet_lm_eval(level: int = logging.ERROR) -> Iterator[None]:
     """Silence lm-eval below ``level`` (e.g. each offline task "overrides" a built-in one)."""
     lg = logging.getLogger("lm_eval")
-    task_lg = logging.getLogger("lm_eval.api.task")
     old = lg.level
     lg.setLevel(level)
-    task_lg.addFilter(_not_custom_kwargs_hint)
+    added = [n for n in _HINT_LOGGERS if _DROP_HINTS not in logging.getLogger(n).filters]
+    for n in added:
+        logging.getLogger(n).addFilter(_DROP_HINTS)
     try:
         yield
     finally:
         lg.setLevel(old)
-        task_lg.removeFilter(_not_custom_kwargs_hint)
+        for n in added:  # only what this context added: contexts nest
+            logging.getLogger(n).removeFilter(_DROP_HINTS)
 
 
 def resolve_tasks(names: list[str]) -> tuple[list[str], list[str]]:
     """Split task names into offline ones and ones passed through to lm-eval.
 
-    Names with no offline definition are checked against lm-eval's own index (building it
-    takes ~10 s, so only then).
+    Names with no offline definition are checked against lm-eval's own task names
+    (:func:`builtin_task_names`).
 
     Raises:
         TliError: a name lm-eval does not know either (with close matches).

@@ -513,5 +513,79 @@ def test_checkov_finds_nothing(rendered, tmp_path):
 # ---------------------------------------------------------------- the compiled pipeline
 
 
-def test_compiled_pipeline_has_its_kubernetes_settings(tmp_path):
-    pytest.skip("pipeline not built: `tli pipeline compile` does not exist yet")
+def _tli(*args: str) -> subprocess.CompletedProcess:
+    tli = Path(sys.executable).with_name("tli")
+    if not tli.is_file():
+        pytest.skip("pipeline not built: no `tli` command beside this Python")
+    return subprocess.run(
+        [str(tli), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, Any]:
+    """The pipeline as `tli pipeline compile` writes it, for the CUDA image."""
+    out = tmp_path_factory.mktemp("pipeline") / "pipeline.yaml"
+    proc = _tli("pipeline", "compile", "--out", str(out), "--image", "tli:0.1.0-cuda")
+    if proc.returncode != 0 and "invalid choice" in proc.stderr:
+        pytest.skip("pipeline not built: `tli pipeline compile` does not exist")
+    assert proc.returncode == 0, proc.stderr
+    spec, platform = yaml.safe_load_all(out.read_text())
+    return {"spec": spec, "k8s": platform["platforms"]["kubernetes"]["deploymentSpec"]}
+
+
+def _base_doc(kind: str) -> dict[str, Any]:
+    docs = [d for p in (K8S / "base").glob("*.yaml") for d in yaml.safe_load_all(p.read_text())]
+    return next(d for d in docs if d and d.get("kind") == kind)
+
+
+def test_compiled_pipeline_has_its_kubernetes_settings(compiled):
+    spec, k8s = compiled["spec"], compiled["k8s"]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert "ray_address" in params, "the Ray head's address must be a pipeline parameter"
+    pvc = _base_doc("PersistentVolumeClaim")["metadata"]["name"]
+    assert params["store_pvc"]["defaultValue"] == pvc
+    executors = spec["deploymentSpec"]["executors"]
+    assert set(k8s["executors"]) == set(executors)
+    for name, executor in executors.items():
+        container = executor["container"]
+        assert container["image"] == "tli:0.1.0-cuda", name
+        res = container["resources"]
+        assert {"cpuRequest", "cpuLimit", "memoryRequest", "memoryLimit"} <= set(res), name
+        settings = k8s["executors"][name]
+        # The same volume at the same path as every Ray pod, so paths mean the same everywhere.
+        mounts = settings["pvcMount"]
+        assert [m["mountPath"] for m in mounts] == [MOUNT], name
+        assert mounts[0]["pvcNameParameter"] == {"componentInputParameter": "store_pvc"}, name
+        envs = {
+            e["envVar"]: s["secretName"] for s in settings["secretAsEnv"] for e in s["keyToEnv"]
+        }
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert envs.get(var) == "tli-object-store", (name, envs)
+
+
+def test_pipeline_default_ray_address_is_the_clusters_head_service():
+    proc = _tli("pipeline", "submit", "--help")
+    m = re.search(r"default:\s*http://([a-z0-9.-]+):(\d+)", " ".join(proc.stdout.split()))
+    assert m, proc.stdout
+    cluster = _base_doc("RayCluster")
+    assert m.group(1) == f"{cluster['metadata']['name']}-head-svc"
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert int(m.group(2)) in [p["containerPort"] for p in head["ports"]]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap: the steps set RAY_AUTH_MODE=token but get no RAY_AUTH_TOKEN; "
+    "pipelines/ should add use_secret_as_env(task, 'tli-ray-auth', {'auth_token': "
+    "'RAY_AUTH_TOKEN'}) (then drop this marker)",
+)
+def test_pipeline_steps_get_the_ray_token(compiled):
+    secret = _base_doc("RayCluster")["spec"]["authOptions"]["secretName"]
+    for name, settings in compiled["k8s"]["executors"].items():
+        envs = {
+            (s["secretName"], e["secretKey"]): e["envVar"]
+            for s in settings.get("secretAsEnv", [])
+            for e in s["keyToEnv"]
+        }
+        assert envs.get((secret, "auth_token")) == "RAY_AUTH_TOKEN", name

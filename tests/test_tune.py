@@ -1,0 +1,226 @@
+"""Ray Tune search: grid + ASHA on a tiny model, failed trials, interrupt and resume, bad input.
+
+One local Ray (module-scoped, started the way ``tli tune`` starts it) serves every Ray test.
+Trials are tiny (seq 32, batch 2, 4 steps); speed is never asserted here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from ray import tune
+
+from tli.cli import main as tli_main
+from tli.config import RunConfig, load_run_config
+from tli.tune import SearchPoint, TuneInterrupted, run_tune, search_points
+
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small repetitive jsonl corpus (~10k SmolLM2 tokens, a few validation documents)."""
+    words = "the quick brown fox jumps over the lazy dog while seven bakers sing".split()
+    lines = []
+    for i in range(300):
+        w = words[i % len(words) :] + words[: i % len(words)]
+        lines.append(json.dumps({"text": f"Record {i}: " + " ".join(w) + "."}))
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_tune():
+    """A local Ray for this module, with the dashboard ``tli tune`` needs (see tune_ray_session)."""
+    from tli.tune import tune_ray_session
+
+    with tune_ray_session(None):
+        yield
+
+
+def _cfg(**tune) -> RunConfig:
+    t = dict(intervals=[1, 2, 4], steps=4, eval_every=2, heldout_blocks=4, concurrency=2)
+    t.update(tune)
+    return RunConfig.model_validate(
+        {"train": {"seq_len": SEQ, "batch_size": 2, "warmup": 1, "lr": 3e-3}, "tune": t}
+    )
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+class _InterruptOnce(tune.Callback):
+    """Sends this process SIGUSR1 (Tune's Ctrl-C) once, when the first trial completes."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        if not self.marker.exists():  # the callback is saved with the experiment: fire once
+            self.marker.write_text(trial.trial_id)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with (out / "trials.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+# ------------------------------------------------------------------------------ pure parts
+
+
+def test_grid_names_are_deterministic_and_budgets_follow_compute() -> None:
+    cfg = _cfg(intervals=[4, 2, 2], inits=["identity", "copy"], alphas=[0.5], lrs=[1e-3])
+    pts = search_points(cfg, num_layers=4, layer_params=10, base_params=100)
+    assert [p.name for p in pts] == [
+        "K4-identity-a0.5-lr0.001", "K4-copy-a0.5-lr0.001",
+        "K2-identity-a0.5-lr0.001", "K2-copy-a0.5-lr0.001",
+    ]  # fmt: skip
+    assert all(p.steps == 4 for p in pts)
+    eq = search_points(
+        _cfg(intervals=[1, 4], steps=10, objective="loss_at_equal_compute"), 4, 10, 100
+    )
+    # K=1 adds 4 layers (140 params) vs K=4's 1 (110): 10 * 110 / 140 -> 7 steps.
+    assert [(p.interval, p.steps) for p in eq] == [(1, 7), (4, 10)]
+    assert SearchPoint(2, "identity", None, 0.003, 4).name == "K2-identity-lr0.003"
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--intervals", ","], "empty search space: --intervals"),
+        (["--intervals", "2,9"], "interval 9 is outside 1..4"),
+        (["--intervals", "0"], "interval 0 is outside 1..4"),
+        (["--intervals", "2,x"], "'x' is not a valid int"),
+        (["--lrs", "1e-3,fast"], "'fast' is not a valid float"),
+        (["--alphas", ","], "empty search space: --alphas"),
+        (["--intervals", "2", "--concurrency", "3"], "need 3 CPUs"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_before_ray_starts(
+    tiny_model_dir, corpus, tmp_path, capsys, flags, needle
+) -> None:
+    out = tmp_path / "out"
+    argv = ["tune", "--model", str(tiny_model_dir), "--out", str(out), "--data", str(corpus),
+            "--seq-len", str(SEQ), *flags]  # fmt: skip
+    if "--concurrency" in flags and (os.cpu_count() or 1) >= 3:
+        pytest.skip("this machine has enough CPUs for 3 trials")
+    rc = _cli(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert needle in err
+    assert len(err.splitlines()) == 1, err
+    assert not out.exists() and not out.with_name("out.partial").exists()
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def _cli(argv: list[str]) -> int:
+    """``tli`` in-process; argparse's usage errors exit through SystemExit."""
+    try:
+        return tli_main(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
+def test_resume_without_an_interrupted_search_is_refused(tmp_path, capsys) -> None:
+    rc = _cli(["tune", "--resume", "--out", str(tmp_path / "none")])
+    assert rc == 2
+    assert "nothing to resume" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ Ray searches
+
+
+def test_three_intervals_with_asha(ray_tune, tiny_model_dir, corpus, tmp_path, capsys) -> None:
+    out = run_tune(tiny_model_dir, tmp_path / "tune", corpus, _cfg())
+    rows = _rows(out)
+    assert len(rows) == 3
+    assert sorted(int(r["interval"]) for r in rows) == [1, 2, 4]
+    assert {r["trial"] for r in rows} == {f"K{k}-identity-lr0.003" for k in (1, 2, 4)}
+    losses = [float(r["objective"]) for r in rows]
+    assert losses == sorted(losses), "trials.csv is best first"
+    for r in rows:
+        assert r["status"] in ("completed", "stopped"), r
+        assert int(r["layers_out"]) == 4 + 4 // int(r["interval"])
+        assert int(r["steps_run"]) in (2, 4)
+        assert (r["stopped_early"] == "True") == (int(r["steps_run"]) < 4)
+    # Ray's experiment folder, one sub-folder per trial named after it; the plot.
+    assert {p.name for p in (out / "ray").iterdir() if p.is_dir()} == {r["trial"] for r in rows}
+    assert (out / "tune.png").stat().st_size > 10_000
+    assert not (out / "train_runs").exists()
+    # best.yaml: the winner's inject + train sections, accepted by tli inject and tli train.
+    best = load_run_config(out / "best.yaml")
+    assert best.inject.interval == int(rows[0]["interval"])
+    assert best.train.lr == pytest.approx(3e-3) and best.train.seq_len == SEQ
+    injected = tmp_path / "injected"
+    rc = tli_main(["inject", "--config", str(out / "best.yaml"), "--model", str(tiny_model_dir),
+                   "--out", str(injected), "--quiet"])  # fmt: skip
+    assert rc == 0
+    cfg_json = json.loads((injected / "config.json").read_text())
+    assert cfg_json["num_hidden_layers"] == int(rows[0]["layers_out"])
+    from tli.cli import build_parser
+    from tli.cliflags import resolve_section
+
+    args = build_parser().parse_args(["train", "--config", str(out / "best.yaml"), "--model",
+                                      str(injected), "--out", "x", "--data", str(corpus)])  # fmt: skip
+    assert resolve_section(args, "train") == best.train
+    # The summary table, best first.
+    printed = capsys.readouterr().out
+    assert printed.index(rows[0]["trial"]) < printed.index(rows[-1]["trial"])
+
+
+def test_failed_trials_are_recorded_and_the_others_finish(
+    ray_tune, tiny_model_dir, corpus, tmp_path
+) -> None:
+    # Absurd learning rates, two ways: 1e37 drives the loss to NaN by step 4 (the trial is
+    # stopped and marked failed); 1e38 overflows AdamW's step size at step 1 (an exception in
+    # the worker: the trial errors). The sane one must still finish and win.
+    cfg = _cfg(intervals=[2], lrs=[3e-3, 1e37, 1e38], asha=False)
+    out = run_tune(tiny_model_dir, tmp_path / "tune", corpus, cfg)
+    rows = {r["trial"]: r for r in _rows(out)}
+    assert len(rows) == 3
+    good = rows["K2-identity-lr0.003"]
+    nan, boom = rows["K2-identity-lr1e+37"], rows["K2-identity-lr1e+38"]
+    assert good["status"] == "completed" and good["steps_run"] == "4" and good["rank"] == "1"
+    assert nan["status"] == "failed" and "non-finite loss" in nan["error"], nan
+    assert boom["status"] == "failed" and "overflow" in boom["error"], boom
+    assert nan["objective"] == boom["objective"] == ""
+    assert load_run_config(out / "best.yaml").train.lr == pytest.approx(3e-3)
+    state = json.loads((out / "tli_tune.json").read_text())
+    assert state["result"]["status"] == {"completed": 1, "failed": 2}
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(
+    ray_tune, tiny_model_dir, corpus, tmp_path, capsys
+) -> None:
+    out = tmp_path / "tune"
+    partial = tmp_path / "tune.partial"
+    first = partial / "ray" / "K2-identity-lr0.003" / "result.json"
+    cfg = _cfg(intervals=[2, 4], concurrency=1, asha=False)
+    with pytest.raises(TuneInterrupted, match="tli tune --resume"):
+        stop = _InterruptOnce(tmp_path / "fired")
+        run_tune(tiny_model_dir, out, corpus, cfg, callbacks=[stop])
+    assert not out.exists() and partial.is_dir()
+    done_before = first.read_text()
+    # Resume through the CLI with only --out: the saved inputs are used.
+    rc = tli_main(["tune", "--resume", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    rows = {r["trial"]: r for r in _rows(out)}
+    assert set(rows) == {"K2-identity-lr0.003", "K4-identity-lr0.003"}
+    assert all(r["status"] == "completed" for r in rows.values())
+    # The finished trial was not run again: its results are exactly those from before.
+    assert (out / "ray" / "K2-identity-lr0.003" / "result.json").read_text() == done_before

@@ -253,3 +253,27 @@ def test_smollm2_benchmarks_in_measured_range_100_items(
     assert 0.55 <= base["piqa"]["acc,none"] <= 0.75, base["piqa"]
     ident = run_eval(smollm2_variants["identity"], tmp_path / "ident", cfg)["results"]["results"]
     assert {t: ident[t]["acc,none"] for t in ident} == {t: base[t]["acc,none"] for t in base}
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU")
+def test_eval_on_gpu_uses_lm_eval_batch_search(
+    tiny_model_dir: Path,
+    tiny_injected_dir: Path,
+    corpus_dir: Path,  # noqa: F811
+    tmp_path: Path,
+):
+    """On a GPU: bf16 weights, lm-eval's own batch-size search, identity still exact."""
+    cfg = EvalConfig(tasks=["arc_easy"], limit=8, heldout_blocks=4, seq_len=64)
+    a = run_eval(tiny_model_dir, tmp_path / "a", cfg, heldout_data=corpus_dir, device="cuda")
+    b = run_eval(tiny_injected_dir, tmp_path / "b", cfg, heldout_data=corpus_dir, device="cuda")
+    prov = json.loads((tmp_path / "a" / "provenance.json").read_text())
+    assert prov["device"] == "cuda" and prov["batch_size"] == "auto"
+    assert _metrics(a["results"]) == _metrics(b["results"])
+    assert a["heldout"] == b["heldout"]

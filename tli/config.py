@@ -111,15 +111,23 @@ class TuneConfig(Section):
     inits: list[Literal["identity", "copy", "interpolate"]] = Field(
         ["identity"], description="inits to try"
     )
-    alphas: list[float] | None = Field(None, description="output-projection scales to try")
+    alphas: list[float] | None = Field(
+        None, description="output-projection scales to try; None = each init's own"
+    )
     lrs: list[float] | None = Field(None, description="learning rates to try; None = train.lr")
     steps: int = Field(20, ge=1, description="max training steps per trial")
     concurrency: int = Field(1, ge=1, description="trials at once")
     asha: bool = Field(True, description="stop poor trials early with ASHA")
-    eval_every: int = Field(5, ge=1, description="steps between held-out reports")
-    heldout_blocks: int = Field(32, ge=1, description="held-out blocks per report")
+    eval_every: int = Field(
+        5, ge=1, description="steps between validation-loss reports (ASHA's rungs)"
+    )
+    heldout_blocks: int = Field(
+        32, ge=1, description="validation-split blocks per report (the objective)"
+    )
     objective: Literal["loss", "loss_at_equal_compute"] = Field(
-        "loss", description="what the search minimises"
+        "loss",
+        description="what the search minimises: validation loss, or the same with each "
+        "trial's steps cut by its parameter count relative to the smallest trial's",
     )
 
 

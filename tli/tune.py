@@ -657,7 +657,7 @@ def run_tune(
 
     # ---- every input check before Ray starts or anything is written
     from tli.arch import arch_for
-    from tli.inject import layer_count, read_config
+    from tli.inject import _fingerprint, layer_count, read_config
     from tli.stio import read_checkpoint
 
     config = read_config(base)
@@ -725,6 +725,7 @@ def run_tune(
             "base_dir": str(base.resolve()),
             "data": [str(p.resolve()) for p in paths],
             "config": cfg.model_dump(mode="json"),
+            "input": {"name": base.name, "files": _fingerprint(base)},
             "tli_version": __version__,
         }
         (partial / STATE_FILE).write_text(json.dumps(saved, indent=2) + "\n")

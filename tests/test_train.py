@@ -190,7 +190,8 @@ def test_existing_output_and_interrupted_run_are_refused(tiny_injected_dir, corp
     (tmp_path / "done").mkdir()
     assert _cli(*args, "--out", str(tmp_path / "done")) == 2
     _one_line_error(capsys, "exists")
-    (tmp_path / "run.partial").mkdir()
+    (tmp_path / "run.partial" / "ray" / "step_000002").mkdir(parents=True)
+    (tmp_path / "run.partial" / "ray" / "step_000002" / "trainer_state.json").write_text("{}")
     assert _cli(*args, "--out", str(tmp_path / "run")) == 2
     _one_line_error(capsys, "--resume")
     assert _cli(*args, "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nope.txt")) == 2
@@ -274,12 +275,15 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(
             assert torch.equal(t, got[name]), f"{name} differs from the uninterrupted run"
 
 
-def test_two_node_cluster_places_a_worker_on_each_node(tiny_injected_dir, corpus, tmp_path):
+def test_two_node_cluster_places_a_worker_on_each_node_fsdp(tiny_injected_dir, corpus, tmp_path):
+    """Two raylets, one CPU each: a worker lands on each and FSDP2 trains across them."""
+    from tli.plan import read_plan
+
     with two_node_cluster("train", cpus_per_node=1):
         import ray
 
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-        cfg = _cfg(workers=2, steps=3, freeze="original")
+        cfg = _cfg(workers=2, steps=3, freeze="original", fsdp=True)
         out = run_train(tiny_injected_dir, tmp_path / "out", corpus, cfg, cpus_per_worker=1,
                         threads=1)  # fmt: skip
     prov = json.loads((out / "tli_train.json").read_text())
@@ -287,3 +291,27 @@ def test_two_node_cluster_places_a_worker_on_each_node(tiny_injected_dir, corpus
     metrics = _metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(math.isfinite(m["loss"]) for m in metrics)
+    # FSDP gathers the full state for the output: originals unchanged, injected layers trained.
+    new = read_plan(tiny_injected_dir).new_layers
+    before, after = _weights(tiny_injected_dir), _weights(out / "model")
+    for name, t in before.items():
+        is_new = name.startswith("model.layers.") and int(name.split(".")[2]) in new
+        if not is_new:
+            assert torch.equal(t, after[name]), name
+        elif name.endswith("proj.weight"):
+            assert not torch.equal(t, after[name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_step_in_bf16_reports_mfu(tiny_injected_dir, corpus) -> None:
+    from tli.data import load_blocks
+    from tli.models import load_causal_lm
+    from tli.plan import read_plan
+
+    blocks = load_blocks(corpus, tiny_injected_dir, SEQ, "train")
+    cfg = _cfg(steps=3, gpu=True, freeze="original")
+    hist = train_in_memory(load_causal_lm(tiny_injected_dir), blocks, cfg, device="cuda",
+                           new_layers=read_plan(tiny_injected_dir).new_layers,
+                           peak_flops=100e12)  # fmt: skip
+    assert all(math.isfinite(m["loss"]) and m["mfu"] > 0 for m in hist)

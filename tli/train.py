@@ -964,15 +964,15 @@ def run_train(
     partial = out.with_name(out.name + ".partial")
     if out.exists() and not force:
         raise TliError(f"output dir {out} exists: choose another --out or pass --force")
-    latest = None
-    if partial.exists():
-        if resume:
-            latest = _latest_checkpoint(partial)
-        elif not force:
+    # An OUT.partial without a complete checkpoint holds nothing worth keeping: start over.
+    latest = _latest_checkpoint(partial) if partial.exists() else None
+    if latest is not None and not resume:
+        if not force:
             raise TliError(
-                f"{partial} holds an interrupted run: pass --resume to continue it "
-                "or --force to start over"
+                f"{partial} holds an interrupted run (last checkpoint {latest.name}): pass "
+                "--resume to continue it or --force to start over"
             )
+        latest = None
     if latest is not None:
         saved = json.loads((latest / CKPT_STATE).read_text())["config"]
         now = cfg.model_dump(mode="json")
@@ -1024,8 +1024,8 @@ def run_train(
     val_blocks = _validation_blocks(paths, model_dir, cfg)
 
     # ---- Ray starts here
-    if partial.exists() and latest is None and not resume:
-        shutil.rmtree(partial)  # --force: start over
+    if partial.exists() and latest is None:
+        shutil.rmtree(partial)  # nothing to resume from, or --force: start over
     try:
         partial.mkdir(parents=True, exist_ok=True)
     except OSError as e:

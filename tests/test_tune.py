@@ -96,6 +96,21 @@ def test_grid_names_are_deterministic_and_budgets_follow_compute() -> None:
     assert SearchPoint(2, "identity", None, 0.003, 4).name == "K2-identity-lr0.003"
 
 
+def test_nonfinite_losses_rank_last_and_stop_the_trial() -> None:
+    from tli.tune import _stop_nonfinite, trial_metrics
+
+    ok = trial_metrics({"step": 4, "loss": 2.5, "val_loss": 2.4}, compute_ratio=1.5)
+    assert ok == {"objective": 2.4, "compute": 6.0, "nonfinite": False}
+    assert not _stop_nonfinite("t", ok)
+    for bad in ({"step": 2, "loss": float("nan"), "val_loss": 2.4},
+                {"step": 2, "loss": 2.5, "val_loss": float("inf")}):  # fmt: skip
+        m = trial_metrics(bad, compute_ratio=1.0)
+        assert m["nonfinite"] and _stop_nonfinite("t", m)
+    assert trial_metrics({"step": 2, "loss": 1.0, "val_loss": float("nan")}, 1.0)["objective"] == (
+        float("inf")
+    )
+
+
 # ------------------------------------------------------------------------------ bad input
 
 

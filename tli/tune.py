@@ -711,6 +711,13 @@ def run_tune(
     state = {k: v.detach() for k, v in model.state_dict().items()}
     layer_params, base_params = _base_counts(state, n_layers)
     points = search_points(cfg, n_layers, layer_params, base_params)
+    if train.warmup >= min(p.steps for p in points):
+        print(
+            f"note: --warmup {train.warmup} is not shorter than a trial's "
+            f"{min(p.steps for p in points)} steps: trials never reach their learning rate "
+            "(set --warmup below --steps for the search)",
+            file=sys.stderr,
+        )
 
     # ---- write the inputs (for --resume), then Ray
     if partial.exists() and not resume:

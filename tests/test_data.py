@@ -265,6 +265,8 @@ def test_load_blocks_bad_input(tiny_model_dir: Path, tmp_path: Path):
         load_blocks(tmp_path, tiny_model_dir, 64, "heldout")
     with pytest.raises(TliError, match="unknown split"):
         load_blocks(tmp_path, tiny_model_dir, 64, "test")
+    with pytest.raises(TliError, match="needs network access"):  # offline: a clear error
+        load_blocks(Path("hf:no-such/dataset"), tiny_model_dir, 64, "heldout")
     f = tmp_path / "tiny.txt"
     f.write_text("A short text. " * 10)
     with pytest.raises(TliError, match="fewer than one block"):

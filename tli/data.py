@@ -451,17 +451,24 @@ def _split_texts(data: Path | list[Path], split: str) -> tuple[list[str], str]:
         raw = f.read_bytes()
         texts = [json.loads(line)["text"] for line in raw.decode("utf-8").splitlines() if line]
         return texts, hashlib.sha256(raw).hexdigest()
-    # Plain files: the same deterministic split as `tli data build` with its defaults.
-    cfg = DataConfig(sources=[], extra=[str(p) for p in paths])
+    # Plain files (and at most one "hf:NAME[:CONFIG]" dataset): the same deterministic split as
+    # `tli data build` with its default fractions.
+    hf = [str(p)[3:] for p in paths if str(p).startswith("hf:") and not p.exists()]
+    files = [p for p in paths if not (str(p).startswith("hf:") and not p.exists())]
+    if len(hf) > 1:
+        raise TliError(f"give at most one hf: dataset, got {', '.join(hf)}")
+    cfg = DataConfig(sources=[], extra=[str(p) for p in files], dataset=hf[0] if hf else None)
+    for p in files:
+        if not p.is_file():
+            raise TliError(f"data file {p} does not exist")
+    docs, _ = collect_docs(cfg)
+    texts = [d.text for d in split_docs(docs, cfg)[split]]
     h = hashlib.sha256(
         f"{split}\x00{cfg.seed}\x00{cfg.val_fraction}\x00{cfg.heldout_fraction}".encode()
     )
-    for p in paths:
-        if not p.is_file():
-            raise TliError(f"data file {p} does not exist")
-        h.update(p.read_bytes())
-    docs, _ = collect_docs(cfg)
-    return [d.text for d in split_docs(docs, cfg)[split]], h.hexdigest()
+    for t in texts:  # the texts themselves: an HF dataset has no file to hash
+        h.update(hashlib.sha256(t.encode()).digest())
+    return texts, h.hexdigest()
 
 
 def load_token_stream(data: Path | list[Path], tokenizer_dir: Path, split: str) -> torch.Tensor:
@@ -519,7 +526,8 @@ def load_blocks(
 
     Args:
         data: a corpus folder from :func:`run_data_build`, or local text / jsonl / parquet
-            file(s), which are split like ``tli data build`` does with its default fractions.
+            file(s), or ``hf:NAME[:CONFIG]`` (an HF dataset's train split, needs network), split
+            like ``tli data build`` does with its default fractions.
         tokenizer_dir: a folder with the tokenizer (usually the model folder).
         seq_len: tokens per block.
         split: ``train``, ``validation`` or ``heldout``.

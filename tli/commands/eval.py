@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the bundled SmolLM2)")  # fmt: skip
     p.add_argument("--out", help="evaluation folder to create (with --compare: where model "
                    "folders' evaluations and compare.md go)")  # fmt: skip
-    p.add_argument("--heldout", metavar="DATA", help="corpus folder (tli data build) or text "
-                   "files whose held-out split gives the loss")  # fmt: skip
+    p.add_argument("--heldout", metavar="DATA", help="corpus folder (tli data build), a text/"
+                   "jsonl/parquet file or hf:NAME whose held-out split gives the loss")  # fmt: skip
     p.add_argument("--list-tasks", action="store_true", help="list the offline tasks and exit")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="evaluation folders or model "
                    "folders (evaluated first): one table, a column per folder")  # fmt: skip
@@ -62,7 +62,7 @@ def handler(args: argparse.Namespace) -> int:
     run = resolve_run_config(args, ["eval"])
     cfg = run.eval
     heldout = Path(args.heldout) if args.heldout else None
-    if heldout is not None and not heldout.exists():
+    if heldout is not None and not heldout.exists() and not args.heldout.startswith("hf:"):
         raise TliError(f"--heldout {heldout} does not exist")
     if args.compare:
         from tli.evaluate import compare

@@ -37,9 +37,17 @@ def run_local(arguments: dict[str, Any], pipeline_root: Path) -> dict[str, Any]:
     Returns:
         The report step's reference (with every upstream stage's reference under ``inputs``).
     """
+    import warnings
+
     from kfp import local
 
     from pipelines.tli_pipeline import tli_pipeline
+
+    # Expected locally, said once here rather than per task: the Kubernetes settings (resources,
+    # volume, secret) and the image are for the cluster; the local runner ignores them.
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+    warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+    print("tli: KFP local runner: images and Kubernetes settings apply on a cluster only")
 
     # use_venv=False: the default builds a venv per task and pip-installs into it (offline:
     # fails). KFP's own caching stays off: the stage store versions and caches.
@@ -59,10 +67,13 @@ def submit(
 ) -> str:
     """Compile and submit the pipeline to the Kubeflow Pipelines API at ``host``; the run id."""
     import tempfile
+    import warnings
 
     import kfp
 
-    client = kfp.Client(host=host)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # kfp warns about API versions on every construction
+        client = kfp.Client(host=host)
     client.get_kfp_healthz()  # fails fast when the API is not there
     with tempfile.TemporaryDirectory() as d:
         package = compile_pipeline(Path(d) / "pipeline.yaml", image=image)

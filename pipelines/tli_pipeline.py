@@ -31,6 +31,8 @@ STORE_MOUNT = "/mnt/tli"  # where the store's volume is mounted in every step (a
 DEFAULT_STORE = STORE_MOUNT + "/runs"
 DEFAULT_PVC = "tli-store"
 OBJECT_STORE_SECRET = "tli-object-store"
+# The Ray head's auth token (KubeRay authOptions.secretName): job submission needs it.
+RAY_AUTH_SECRET = "tli-ray-auth"
 OBJECT_STORE_ENV = {
     "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
@@ -51,6 +53,9 @@ def _step(task: dsl.PipelineTask, name: str, store_pvc) -> dsl.PipelineTask:
     kubernetes.mount_pvc(task, pvc_name=store_pvc, mount_path=STORE_MOUNT)
     kubernetes.use_secret_as_env(
         task, secret_name=OBJECT_STORE_SECRET, secret_key_to_env=OBJECT_STORE_ENV, optional=True
+    )
+    kubernetes.use_secret_as_env(
+        task, secret_name=RAY_AUTH_SECRET, secret_key_to_env={"auth_token": "RAY_AUTH_TOKEN"}
     )
     return task
 

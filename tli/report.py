@@ -174,11 +174,14 @@ def run_report(out: Path, inputs: dict[str, Path]) -> Path:
     heldout = {label: _heldout(p) for label, p in evals.items()}
     table = results_table({label: read_eval_dir(p) for label, p in evals.items()})
     plan = _json(inputs["inject"] / "tli_plan.json") or {}
-    best = (
-        (inputs["tune"] / "best.yaml").read_text()
-        if (inputs["tune"] / "best.yaml").is_file()
-        else None
-    )
+    best = None
+    if (inputs["tune"] / "best.yaml").is_file():
+        import yaml
+
+        # Only what the search chose: the inject section and the learning rate.
+        doc = yaml.safe_load((inputs["tune"] / "best.yaml").read_text()) or {}
+        chosen = {"inject": doc.get("inject"), "train": {"lr": (doc.get("train") or {}).get("lr")}}
+        best = yaml.safe_dump(chosen, sort_keys=False)
     train_prov = _json(inputs["train"] / "tli_train.json") or {}
 
     tmp = out.with_name(f".{out.name}.tmp")
@@ -186,6 +189,9 @@ def run_report(out: Path, inputs: dict[str, Path]) -> Path:
     tmp.mkdir(parents=True)
     try:
         pngs = _plots(tmp, trials, metrics, (before, after), heldout)
+        if (inputs["tune"] / "tune.png").is_file():  # the tune stage's loss-vs-step curves
+            shutil.copyfile(inputs["tune"] / "tune.png", tmp / "tune.png")
+            pngs.append("tune.png")
         md = _markdown(trials, metrics, before, after, plan, best, table, heldout, train_prov, pngs)
         (tmp / "report.md").write_text(md)
         (tmp / "report.html").write_text(_html(md))
@@ -226,10 +232,12 @@ def _markdown(trials, metrics, before, after, plan, best, table, heldout, train_
             )
         if "tune_trials.png" in pngs:
             lines += ["", "![held-out loss per trial](tune_trials.png)"]
+        if "tune.png" in pngs:
+            lines += ["", "![held-out loss vs step, every trial](tune.png)"]
     else:
         lines.append("No trials.csv in the tune stage's output.")
     if best:
-        lines += ["", "Winning configuration (`best.yaml`):", "", "```yaml", best.rstrip(), "```"]
+        lines += ["", "Chosen by the search (`best.yaml`):", "", "```yaml", best.rstrip(), "```"]
     lines += ["", "## Training (Ray Train)", ""]
     if metrics:
         res = train_prov.get("result") or {}

@@ -243,10 +243,10 @@ def _submit(args: argparse.Namespace) -> int:
             run_name=name,
         )
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = "connection refused" if "NewConnectionError" in str(e) else type(e).__name__
         raise TliError(
-            f"cannot submit to the Kubeflow Pipelines API at {args.host} ({first[:160]}): "
-            "check --host"
+            f"cannot submit to the Kubeflow Pipelines API at {args.host} ({why}): "
+            "check --host (the KFP API, e.g. a port-forward of ml-pipeline-ui)"
         ) from None
     print(f"submitted run {name} ({run_id}) to {args.host}")
     return 0

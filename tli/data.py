@@ -325,14 +325,7 @@ def load_tokenizer(tokenizer_dir: Path):
     Raises:
         TliError: the folder has no tokenizer.
     """
-    tokenizer_dir = Path(tokenizer_dir)
-    if not tokenizer_dir.is_dir():
-        raise TliError(f"tokenizer folder {tokenizer_dir} does not exist")
-    if not any((tokenizer_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        raise TliError(
-            f"{tokenizer_dir} has no tokenizer (tokenizer.json or tokenizer.model): "
-            "point at a model folder saved with its tokenizer"
-        )
+    load_tokenizer_check(Path(tokenizer_dir))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))

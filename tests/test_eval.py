@@ -122,6 +122,8 @@ def test_eval_cli_writes_results_and_table(
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["batch_size"] == 16 and prov["device"] == "cpu"  # "auto" on a CPU
     assert prov["tasks_offline"] == ["arc_easy", "lambada"]
+    manifest = json.loads((corpus_dir / "manifest.json").read_text())
+    assert prov["heldout_data"]["heldout_sha256"] == manifest["splits"]["heldout"]["sha256"]
     assert not list(tmp_path.glob(".ev*"))
 
 

@@ -459,7 +459,8 @@ def run_eval(
         (tmp / CONFIG_FILE).write_text(dump_yaml(cfg))
         (tmp / PROVENANCE_FILE).write_text(
             json.dumps(
-                _provenance(model_dir, cfg, offline, passthrough, device, batch, time.time() - t0),
+                _provenance(model_dir, cfg, offline, passthrough, device, batch, time.time() - t0)
+                | {"heldout_data": _data_identity(heldout_data, model_dir) if heldout else None},
                 indent=2,
             )
             + "\n"
@@ -490,13 +491,18 @@ def _provenance(
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             versions[dist] = None
+    import hashlib
+
     model_files = {}
     for f in sorted(model_dir.glob("*.json")) + sorted(model_dir.glob("*.safetensors")):
         model_files[f.name] = f.stat().st_size
+    plan = model_dir / "tli_plan.json"
     return {
         "stage": "eval",
         "model": model_dir.name,
+        "model_config_sha256": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
         "model_files": model_files,
+        "model_plan": json.loads(plan.read_text()) if plan.is_file() else None,
         "config": cfg.model_dump(mode="json"),
         "tasks_offline": offline,
         "tasks_passthrough": passthrough,
@@ -506,6 +512,21 @@ def _provenance(
         "tli_version": tli.__version__,
         "versions": versions,
     }
+
+
+def _data_identity(data: Path | list[Path] | None, model_dir: Path) -> dict[str, Any]:
+    """What the held-out blocks were cut from: the corpus split's sha256 and the tokenizer's."""
+    from tli.data import tokenizer_fingerprint
+
+    paths = [Path(p) for p in (data if isinstance(data, list | tuple) else [data])]
+    out: dict[str, Any] = {"tokenizer_sha256": tokenizer_fingerprint(model_dir)}
+    if len(paths) == 1 and (paths[0] / "manifest.json").is_file():
+        manifest = json.loads((paths[0] / "manifest.json").read_text())
+        out["corpus"] = paths[0].name
+        out["heldout_sha256"] = manifest["splits"]["heldout"]["sha256"]
+    else:
+        out["files"] = [p.name for p in paths]
+    return out
 
 
 # --------------------------------------------------------------------------- tables

@@ -2,7 +2,7 @@
 
 The KFP components call :func:`run_component`; it works out the stage's version from its
 resolved config and its inputs' content hashes and, unless the store already holds that version,
-submits the stage as a Ray job (``python -m tli.runner <spec>``) to the cluster's head with
+submits the stage as a Ray job (``python -m tli.runner STAGE``) to the cluster's head with
 :class:`ray.job_submission.JobSubmissionClient`. The job runs the same :func:`run_stage` on the
 cluster (so a KFP pod stays light, and the same path serves KubeRay), writes the version into the
 store (a shared volume on Kubernetes, a folder locally) and prints its result as one
@@ -11,7 +11,6 @@ store (a shared volume on Kubernetes, a folder locally) and prints its result as
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import sys
@@ -25,6 +24,7 @@ from tli.stages import STAGES, get_stage
 from tli.store import InputRef, StageResult, Store, version_key
 
 RESULT_TAG = "TLI_RESULT "
+SPEC_ENV = "TLI_STAGE_SPEC"
 # Environment of every stage job: offline hubs, and Ray Train's controller polling fast enough
 # that ray.train.report() does not wait ~2 s per call.
 JOB_ENV = {
@@ -221,12 +221,16 @@ def _run_as_job(
         "refs": refs,
         "rerun": rerun,
     }
-    payload = base64.urlsafe_b64encode(json.dumps(spec).encode()).decode()
-    job_id = client.submit_job(
-        entrypoint=f"python -m tli.runner {payload}",
+    env = {
+        **JOB_ENV,
+        SPEC_ENV: json.dumps(spec),  # the job's whole input, so its command line stays short
         # Ray Train's placement-group cleaner finds the State API by auto-detection, which
         # fails when several Rays share a machine: name it.
-        runtime_env={"env_vars": {**JOB_ENV, "RAY_API_SERVER_ADDRESS": dashboard_url(ray_address)}},
+        "RAY_API_SERVER_ADDRESS": dashboard_url(ray_address),
+    }
+    job_id = client.submit_job(
+        entrypoint=f"python -m tli.runner {stage}",
+        runtime_env={"env_vars": env},
         metadata={"tli_stage": stage},
     )
     _log(f"{stage}: submitted as Ray job {job_id} to {dashboard_url(ray_address)}")
@@ -259,12 +263,19 @@ def _follow(client: Any, job_id: str, poll_s: float = 1.0) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of a stage job on the Ray cluster: ``python -m tli.runner <spec>``."""
+    """Entry point of a stage job on the Ray cluster: ``python -m tli.runner STAGE``.
+
+    The stage's inputs come as JSON in the job's environment (``TLI_STAGE_SPEC``).
+    """
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        sys.stderr.write("usage: python -m tli.runner <base64 JSON stage spec>\n")
+    raw = os.environ.get(SPEC_ENV)
+    if len(argv) != 1 or not raw:
+        sys.stderr.write(f"usage: {SPEC_ENV}='<JSON stage spec>' python -m tli.runner STAGE\n")
         return 2
-    spec = json.loads(base64.urlsafe_b64decode(argv[0]))
+    spec = json.loads(raw)
+    if spec["stage"] != argv[0]:
+        sys.stderr.write(f"tli.runner: {SPEC_ENV} is for stage {spec['stage']}, not {argv[0]}\n")
+        return 2
     for k, v in JOB_ENV.items():
         os.environ.setdefault(k, v)
     try:

@@ -153,11 +153,13 @@ def pipeline_arguments(
 
 def check_run_inputs(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
     """Every check that needs no Ray and writes nothing (bad input -> one line, exit 2)."""
+    from tli.stages import check_model_folder
+
+    if args.base:
+        check_model_folder(Path(args.base))  # named as the user gave it
     cfg = resolve_config(args.preset, args.config, args.base, args.set)
     rerun = rerun_stages(args.rerun)
     if cfg.base.model:
-        from tli.stages import check_model_folder
-
         check_model_folder(Path(cfg.base.model))
     return cfg, rerun
 
@@ -222,8 +224,10 @@ def print_summary(ref: dict[str, Any], seconds: float) -> None:
     print(f"  {'step':<14} {'stage':<12} {'version':<20} status")
     for name, r in rows:
         print(f"  {name:<14} {r['stage']:<12} {r['version']:<20} {r['status']}")
-    print(f"report: {Path(ref['output']) / 'report.md'}")
-    print(f"        {Path(ref['output']) / 'report.html'}")
+    from tli.commands.runs import shown_path
+
+    print(f"report: {shown_path(Path(ref['output']) / 'report.md')}")
+    print(f"        {shown_path(Path(ref['output']) / 'report.html')}")
 
 
 def _submit(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from tli.config import RunConfig
@@ -42,7 +43,7 @@ def _inputs_text(m: dict[str, Any]) -> str:
         if i.get("stage"):
             parts.append(f"{name}={i['stage']}/{i['version']}")
         else:
-            parts.append(f"{name}=<{i['path']}>")
+            parts.append(f"{name}=<{Path(i['path']).name}>")
     return " ".join(parts)
 
 
@@ -73,7 +74,8 @@ def lineage(store: Any, m: dict[str, Any], indent: int = 0, seen: set | None = N
     lines = []
     for name, i in m.get("inputs", {}).items():
         if not i.get("stage"):
-            lines.append(f"{pad}{name}: external {i['path']} (sha256 {i['sha256'][:12]})")
+            where = Path(i["path"]).name  # the full path is in the manifest
+            lines.append(f"{pad}{name}: external {where} (sha256 {i['sha256'][:12]})")
             continue
         node = (i["stage"], i["version"])
         label = f"{pad}{name}: {i['stage']}/{i['version']}"
@@ -107,7 +109,7 @@ def _show(args: argparse.Namespace) -> int:
     store = _open(args.store)
     m = store.lookup(args.version)
     out = store.stage_dir(m["stage"]) / m["version"]
-    print(f"{m['stage']}/{m['version']}  ({out})")
+    print(f"{m['stage']}/{m['version']}  ({shown_path(out)})")
     print(
         f"  finished {m.get('ended')} after {m.get('seconds')} s on {m.get('host')}; "
         f"seed {m.get('seed')}; output sha256 {m['output_sha256'][:16]}"
@@ -123,3 +125,11 @@ def _show(args: argparse.Namespace) -> int:
     for line in lineage(store, m, 1) or ["  (no inputs)"]:
         print(line)
     return 0
+
+
+def shown_path(p: Path) -> str:
+    """``p`` relative to the working directory when it is under it (shorter, shareable)."""
+    try:
+        return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)

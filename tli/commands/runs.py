@@ -130,6 +130,6 @@ def _show(args: argparse.Namespace) -> int:
 def shown_path(p: Path) -> str:
     """``p`` relative to the working directory when it is under it (shorter, shareable)."""
     try:
-        return str(Path(p).resolve().relative_to(Path.cwd().resolve()))
+        return str(Path(p).absolute().relative_to(Path.cwd()))
     except ValueError:
         return str(p)

@@ -574,13 +574,8 @@ def test_pipeline_default_ray_address_is_the_clusters_head_service():
     assert int(m.group(2)) in [p["containerPort"] for p in head["ports"]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: the steps set RAY_AUTH_MODE=token but get no RAY_AUTH_TOKEN; "
-    "pipelines/ should add use_secret_as_env(task, 'tli-ray-auth', {'auth_token': "
-    "'RAY_AUTH_TOKEN'}) (then drop this marker)",
-)
 def test_pipeline_steps_get_the_ray_token(compiled):
+    """Token auth is on in the cluster: every step must get the token to submit its job."""
     secret = _base_doc("RayCluster")["spec"]["authOptions"]["secretName"]
     for name, settings in compiled["k8s"]["executors"].items():
         envs = {

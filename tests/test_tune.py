@@ -198,25 +198,34 @@ def test_three_intervals_with_asha(ray_tune, tiny_model_dir, corpus, tmp_path, c
     assert printed.index(rows[0]["trial"]) < printed.index(rows[-1]["trial"])
 
 
-def test_failed_trials_are_recorded_and_the_others_finish(
+def test_failed_trial_is_recorded_and_the_others_finish(
     ray_tune, tiny_model_dir, corpus, tmp_path
 ) -> None:
-    # Absurd learning rates, two ways: 1e37 drives the loss to NaN by step 4 (the trial is
-    # stopped and marked failed); 1e38 overflows AdamW's step size at step 1 (an exception in
-    # the worker: the trial errors). The sane one must still finish and win.
-    cfg = _cfg(intervals=[2], lrs=[3e-3, 1e37, 1e38], asha=False)
+    # lr 1e38 overflows AdamW's step size at step 1: an exception in the worker errors the
+    # trial (as an out-of-memory would). The sane trial must still finish and win.
+    cfg = _cfg(intervals=[2], lrs=[3e-3, 1e38], asha=False)
     out = run_tune(tiny_model_dir, tmp_path / "tune", corpus, cfg)
     rows = {r["trial"]: r for r in _rows(out)}
-    assert len(rows) == 3
-    good = rows["K2-identity-lr0.003"]
-    nan, boom = rows["K2-identity-lr1e+37"], rows["K2-identity-lr1e+38"]
+    assert len(rows) == 2
+    good, boom = rows["K2-identity-lr0.003"], rows["K2-identity-lr1e+38"]
     assert good["status"] == "completed" and good["steps_run"] == "4" and good["rank"] == "1"
-    assert nan["status"] == "failed" and "non-finite loss" in nan["error"], nan
     assert boom["status"] == "failed" and "overflow" in boom["error"], boom
-    assert nan["objective"] == boom["objective"] == ""
+    assert boom["objective"] == "" and boom["rank"] == "2"
     assert load_run_config(out / "best.yaml").train.lr == pytest.approx(3e-3)
     state = json.loads((out / "tli_tune.json").read_text())
-    assert state["result"]["status"] == {"completed": 1, "failed": 2}
+    assert state["result"]["status"] == {"completed": 1, "failed": 1}
+
+
+@pytest.mark.slow
+def test_nan_loss_trial_is_recorded_as_failed(ray_tune, tiny_model_dir, corpus, tmp_path) -> None:
+    # lr 1e37 drives the loss to NaN by step 4: the trial is stopped and marked failed.
+    cfg = _cfg(intervals=[2], lrs=[3e-3, 1e37], asha=False)
+    out = run_tune(tiny_model_dir, tmp_path / "tune", corpus, cfg)
+    rows = {r["trial"]: r for r in _rows(out)}
+    nan = rows["K2-identity-lr1e+37"]
+    assert nan["status"] == "failed" and "non-finite loss" in nan["error"], nan
+    assert nan["objective"] == "" and nan["rank"] == "2"
+    assert rows["K2-identity-lr0.003"]["status"] == "completed"
 
 
 def test_interrupted_search_resumes_without_rerunning_finished_trials(

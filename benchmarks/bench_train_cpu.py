@@ -4,7 +4,9 @@ Same job on both sides: SmolLM2-135M upscaled by TLI K=5 (30 -> 36 layers, ident
 only the 6 injected layers trained (the default freeze policy), bf16 autocast, AdamW, gradient
 clipping, the same sequence length, batch, steps and torch thread count, on the bundled
 Shakespeare corpus. Runs are interleaved (plain, tli, plain, tli, ...) so that load from
-others on the machine hits both alike.
+others on the machine hits both alike. ``--model small`` runs the same comparison on a small
+random Llama (8 -> 10 layers, hidden 256): its steps are ~20x shorter, so a fixed per-step
+cost of Ray Train weighs ~20x more there.
 
 Steady-state rate: tokens trained between the end of step ``--skip`` and the end of the last
 step, divided by the wall-clock time between them (so it includes everything the loop does
@@ -14,7 +16,8 @@ end (final checkpoint, output folder) are reported separately.
 
 Usage::
 
-    python benchmarks/bench_train_cpu.py [--steps 20] [--rounds 2] [--seq-len 128] [--batch 4]
+    python benchmarks/bench_train_cpu.py [--model smollm2|small] [--steps 20] [--rounds 2]
+        [--seq-len 128] [--batch 4] [--threads 2] [--report-every 10]
 """
 
 from __future__ import annotations
@@ -33,7 +36,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def prepare(work: Path, seq_len: int):
+def small_base(work: Path, real: Path) -> Path:
+    """A small random Llama (8 layers, hidden 256) with SmolLM2's tokenizer, saved as HF."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49152, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    out = work / "small"
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(real / f, out / f)
+    return out
+
+
+def prepare(work: Path, seq_len: int, model: str):
     """(injected model dir, corpus dir, train blocks) built once (cached by tli where it can)."""
     from tli.config import DataConfig, InjectConfig
     from tli.data import load_blocks, run_data_build
@@ -41,7 +64,10 @@ def prepare(work: Path, seq_len: int):
     from tli.models import import_base
 
     base = import_base()
-    inj = run_inject(base, work / "inj", InjectConfig(interval=5), progress=False)
+    interval = 5
+    if model == "small":
+        base, interval = small_base(work, base), 4
+    inj = run_inject(base, work / "inj", InjectConfig(interval=interval), progress=False)
     corpus = run_data_build(DataConfig(sources=["shakespeare"]), work / "corpus", inj)
     blocks = load_blocks(corpus, inj, seq_len, "train")
     return inj, corpus, blocks
@@ -114,6 +140,13 @@ def tli_run(model_dir: Path, corpus: Path, out: Path, args, report_every: int) -
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--model",
+        choices=["smollm2", "small"],
+        default="smollm2",
+        help="smollm2: the bundled SmolLM2 upscaled 30 -> 36; small: a random 8-layer Llama "
+        "(hidden 256) upscaled to 10, whose short steps make any per-step overhead show more",
+    )
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the rate")
     ap.add_argument("--rounds", type=int, default=2)
@@ -128,8 +161,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="tli-bench-train-") as tmp:
         work = Path(tmp)
-        inj, corpus, blocks = prepare(work, args.seq_len)
-        print(f"job: SmolLM2 30->36 layers, injected layers trained, bf16, seq {args.seq_len} x "
+        inj, corpus, blocks = prepare(work, args.seq_len, args.model)
+        what = "SmolLM2 30->36" if args.model == "smollm2" else "small Llama 8->10"
+        print(f"job: {what} layers, injected layers trained, bf16, seq {args.seq_len} x "
               f"batch {args.batch}, {args.steps} steps (rate over the last "
               f"{args.steps - args.skip}), {args.threads} threads", flush=True)  # fmt: skip
         plain, tli, tli_every1 = [], [], []

@@ -315,3 +315,23 @@ def test_gpu_step_in_bf16_reports_mfu(tiny_injected_dir, corpus) -> None:
                            new_layers=read_plan(tiny_injected_dir).new_layers,
                            peak_flops=100e12)  # fmt: skip
     assert all(math.isfinite(m["loss"]) and m["mfu"] > 0 for m in hist)
+
+
+@pytest.mark.slow
+def test_fsdp_two_workers_resume_equals_uninterrupted(ray_local, tiny_injected_dir, corpus,
+                                                      tmp_path):  # fmt: skip
+    """FSDP2 optimizer state and RNG restore per worker: interrupted + resumed == straight."""
+    from ray.train import TrainingFailedError
+
+    cfg = _cfg(workers=2, steps=4, fsdp=True, freeze="none", checkpoint_every=2)
+    kw = dict(threads=1, report_every=1, cpus_per_worker=1)
+    straight = run_train(tiny_injected_dir, tmp_path / "a", corpus, cfg, **kw)
+    with pytest.raises(TrainingFailedError):
+        run_train(tiny_injected_dir, tmp_path / "b", corpus, cfg, max_failures=0,
+                  fail_at_step=3, **kw)  # fmt: skip
+    resumed = run_train(tiny_injected_dir, tmp_path / "b", corpus, cfg, resume=True, **kw)
+    assert [m["loss"] for m in _metrics(straight)] == [m["loss"] for m in _metrics(resumed)]
+    a, b = _weights(straight / "model"), _weights(resumed / "model")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -114,7 +114,8 @@ def _plots(
         ax.plot(steps, [m.get("loss") for m in metrics], label="training loss", alpha=0.6)
         val = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
         if val:
-            ax.plot([s for s, _ in val], [v for _, v in val], "o-", label="held-out loss")
+            label = "held-out loss (validation split)"
+            ax.plot([s for s, _ in val], [v for _, v in val], "o-", label=label)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_title("Training")

@@ -203,6 +203,10 @@ def run_report(out: Path, inputs: dict[str, Path]) -> Path:
     return out
 
 
+def _int(x: int | None) -> str:
+    return "n/a" if x is None else f"{x:,}"
+
+
 def _fmt(x: float | None, nd: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{nd}f}"
 
@@ -213,11 +217,9 @@ def _markdown(trials, metrics, before, after, plan, best, table, heldout, train_
     lines.append("| model | layers | parameters | held-out loss |")
     lines.append("|---|---|---|---|")
     n_in, n_out = plan.get("num_layers_in"), plan.get("num_layers_out")
-    lines.append(f"| base | {n_in or 'n/a'} | {before or 'n/a'} | {_fmt(heldout['base'])} |")
-    lines.append(
-        f"| injected | {n_out or 'n/a'} | {after or 'n/a'} | {_fmt(heldout['injected'])} |"
-    )
-    lines.append(f"| trained | {n_out or 'n/a'} | {after or 'n/a'} | {_fmt(heldout['trained'])} |")
+    lines.append(f"| base | {n_in or 'n/a'} | {_int(before)} | {_fmt(heldout['base'])} |")
+    lines.append(f"| injected | {n_out or 'n/a'} | {_int(after)} | {_fmt(heldout['injected'])} |")
+    lines.append(f"| trained | {n_out or 'n/a'} | {_int(after)} | {_fmt(heldout['trained'])} |")
     if before and after:
         lines += ["", f"Parameters added: {after - before:,} (+{(after - before) / before:.1%})."]
     if "models.png" in pngs:

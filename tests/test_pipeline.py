@@ -272,3 +272,23 @@ def test_rerun_of_data_and_train_gives_identical_output_hashes(smoke) -> None:
     assert rows["data"] == (first["data"][0], "reproduced")
     assert rows["train"] == (first["train"][0], "reproduced")
     assert store.versions() == before
+
+
+def test_inject_and_train_take_the_search_winner(tmp_path: Path) -> None:
+    from tli.stages import STAGES, resolved_config
+
+    tune_out = tmp_path / "tune"
+    tune_out.mkdir()
+    best = {"inject": {"interval": 3, "init": "copy"}, "train": {"lr": 0.003, "steps": 5}}
+    (tune_out / "best.yaml").write_text(yaml.safe_dump(best))
+    cfg = RunConfig.model_validate({"train": {"steps": 40, "lr": 0.001}})
+    inputs = {"tune": tune_out}
+    inj = resolved_config("inject", cfg, inputs).inject
+    assert (inj.interval, inj.init) == (3, "copy")
+    # The learning rate is taken only when the search searched it; steps stay the run's.
+    assert resolved_config("train", cfg, inputs).train.lr == 0.001
+    searched = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"lrs": [0.001, 0.003]})})
+    train = resolved_config("train", searched, inputs).train
+    assert (train.lr, train.steps) == (0.003, 40)
+    # The version hashes the resolved values.
+    assert STAGES["inject"].params(cfg, inputs)["inject"]["interval"] == 3

@@ -22,6 +22,9 @@ from pathlib import Path
 
 from tli.errors import TliError
 
+# The `ray start --block` processes this process started (see terminate_children).
+HEAD_PIDS: set[int] = set()
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -99,11 +102,13 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 180.0) -> Iterato
         proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+    HEAD_PIDS.add(proc.pid)
     try:
         _wait_ready(proc, address, log_path, timeout_s)
         yield address
     finally:
         _stop(proc)
+        HEAD_PIDS.discard(proc.pid)
         shutil.rmtree(tmp, ignore_errors=True)
         print("tli: local Ray head stopped", flush=True)
 
@@ -138,3 +143,35 @@ def _stop(proc: subprocess.Popen) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def _descendants(root: int) -> list[int]:
+    """PIDs of every process below ``root`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def terminate_children() -> None:
+    """SIGTERM this process's descendants except the Ray heads it started (stopped in order).
+
+    Used when ``tli pipeline run`` itself is told to stop: KFP's local runner waits for its
+    task subprocess, which waits for its Ray job; ending them lets the run unwind at once.
+    """
+    keep = set(HEAD_PIDS)
+    for pid in HEAD_PIDS:
+        keep.update(_descendants(pid))
+    for pid in _descendants(os.getpid()):
+        if pid not in keep:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)

@@ -156,7 +156,7 @@ STAGES: dict[str, Stage] = {
             ("base", "data"),
             _tune,
             # Ray's own experiment folder and timings differ between identical searches.
-            volatile=("ray/*", "ray_results/*", "*.png", "*.log", "tune_state.json"),
+            volatile=("ray/*", "train_runs/*", "*.png", "*.log", "tli_tune.json"),
             seed_of=("train", "seed"),
         ),
         Stage("inject", ("inject",), ("base", "tune"), _inject),

@@ -195,13 +195,21 @@ def _run(args: argparse.Namespace) -> int:
 def run_pipeline(cfg: RunConfig, store: Path, rerun: list[str], ray_address: str | None) -> int:
     """Run the pipeline locally (inputs already checked); print the stages and the report."""
     import contextlib
+    import signal
 
-    from tli.rayhead import local_head
+    from tli.rayhead import local_head, terminate_children
+
+    def _terminated(signum: int, frame: Any) -> None:
+        # SIGTERM (a scheduler, `kill`): end the running step (KFP waits for it), then unwind
+        # like Ctrl-C so the local Ray head is stopped too.
+        terminate_children()
+        raise SystemExit(128 + signum)
 
     t0 = time.time()
     head = contextlib.nullcontext(ray_address) if ray_address else local_head()
     from pipelines.local import run_local
 
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         with head as address:
             ref = run_local(
@@ -213,6 +221,8 @@ def run_pipeline(cfg: RunConfig, store: Path, rerun: list[str], ray_address: str
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         sys.stderr.write(f"tli pipeline: the run failed: {msg[:300]} (see the log above)\n")
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print_summary(ref, time.time() - t0)
     return 0
 

@@ -370,7 +370,11 @@ def tune_ray_session(address: str | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+        for _ in range(3):  # Ray's last processes may still be writing logs there
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.exists(tmp):
+                break
+            time.sleep(1)
 
 
 # ----------------------------------------------------------------------------- results

@@ -80,7 +80,8 @@ class SearchPoint:
     """One trial's hyperparameters, its step budget and its cost relative to the cheapest trial.
 
     ``compute_ratio`` is the trial's parameter count over the smallest trial's; under the
-    ``loss_at_equal_compute`` objective a trial trains ``steps`` = the budget divided by it.
+    ``loss_at_equal_compute`` objective a trial trains ``steps`` = the budget divided by it
+    (rounded, at least 1).
     """
 
     interval: int
@@ -165,7 +166,7 @@ def search_points(cfg: RunConfig, num_layers: int, layer_params: int, base_param
         steps = t.steps
         if t.objective == "loss_at_equal_compute":
             # A deeper model costs more per step: it gets fewer steps for the same compute.
-            steps = max(1, int(t.steps / ratio))
+            steps = max(1, round(t.steps / ratio))
         points.append(SearchPoint(k, init, alpha, float(lr), steps, ratio))
     return points
 

@@ -142,19 +142,17 @@ def resolve_run_config(args: argparse.Namespace, sections: list[str]) -> RunConf
     """
     path = getattr(args, "config", None)
     data = read_yaml(path) if path else {}
-    origin = str(path) if path else "flags"
-    validate(RunConfig, data, origin)  # errors in the file are reported against the file
+    if path:  # errors in the file are reported against the file alone
+        validate(RunConfig, data, str(path))
+    any_flags = any(given_flags(args, s) for s in sections)
+    origin = " + ".join(x for x in (str(path) if path else "", "flags" if any_flags else "") if x)
     for section in sections:
         flags = given_flags(args, section)
         if flags:
             merged = dict(data.get(section) or {})
             merged.update(flags)
             data[section] = merged
-    return validate(
-        RunConfig,
-        data,
-        origin if not any(given_flags(args, s) for s in sections) else f"{origin} + flags",
-    )  # type: ignore[return-value]
+    return validate(RunConfig, data, origin or "defaults")  # type: ignore[return-value]
 
 
 def resolve_section(args: argparse.Namespace, section: str) -> Section:

@@ -11,6 +11,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One Ray auth mode for the whole test process, set before anything imports ray: Ray reads it
+# once per process, while the heads and GCS it starts read it from the environment. A later
+# change (the pipeline's local head sets it) would leave client and server disagreeing.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 TOKENIZER_FILES = (
     "tokenizer.json",

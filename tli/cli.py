@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray 2.60 heads use token auth; Ray reads the mode once per process, so fix it before any
+    # stage imports ray (the token is generated in ~/.ray/auth_token when missing).
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

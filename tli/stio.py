@@ -237,10 +237,10 @@ def write_checkpoint(
                 f.write(_header_bytes(shard, meta))
                 f.flush()
                 fd = f.fileno()
-                for t in shard:
-                    _write_one(t, fd, src_fds)
+                for run in _copy_runs(shard):
+                    _write_run(run, fd, src_fds)
                     if progress:
-                        progress(t.nbytes)
+                        progress(sum(t.nbytes for t in run))
             written.append(path)
     finally:
         for fd in src_fds.values():
@@ -251,6 +251,41 @@ def write_checkpoint(
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         written.append(out_dir / INDEX_FILE)
     return written
+
+
+def _copy_runs(shard: list[OutTensor]) -> list[list[OutTensor]]:
+    """Group tensors so that copies contiguous in the same input file become one range.
+
+    An original layer's tensors usually sit back to back in its input file and are written back
+    to back: one kernel copy for the lot instead of one per tensor.
+    """
+    runs: list[list[OutTensor]] = []
+    for t in shard:
+        prev = runs[-1][-1] if runs else None
+        if (
+            prev is not None
+            and t.kind == "copy"
+            and prev.kind == "copy"
+            and t.src is not None
+            and prev.src is not None
+            and t.src.file == prev.src.file
+            and t.src.start == prev.src.end
+        ):
+            runs[-1].append(t)
+        else:
+            runs.append([t])
+    return runs
+
+
+def _write_run(run: list[OutTensor], fd: int, src_fds: dict[Path, int]) -> None:
+    if len(run) == 1:
+        _write_one(run[0], fd, src_fds)
+        return
+    first, last = run[0].src, run[-1].src
+    assert first is not None and last is not None
+    if first.file not in src_fds:
+        src_fds[first.file] = os.open(first.file, os.O_RDONLY)
+    copy_range(src_fds[first.file], fd, first.start, last.end - first.start)
 
 
 def _write_one(t: OutTensor, fd: int, src_fds: dict[Path, int]) -> None:

@@ -19,6 +19,7 @@ import yaml
 
 from tli.cli import main
 from tli.config import RunConfig
+from tli.rayhead import free_port
 from tli.stages import STAGES
 from tli.store import MANIFEST, Store
 
@@ -82,14 +83,6 @@ def test_presets_are_valid_run_configs(preset: str) -> None:
 # ---------------------------------------------------------------------------- bad input
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     "argv, needle",
     [
@@ -107,7 +100,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     argv: list[str], needle: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     store = tmp_path / "store"
-    port = _free_port()
+    port = free_port()
     argv = [a.format(port=port, tmp=tmp_path) for a in argv]
     if argv[0] == "pipeline" and argv[1] == "run":
         argv += ["--store", str(store)]

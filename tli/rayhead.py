@@ -26,7 +26,8 @@ from tli.errors import TliError
 HEAD_PIDS: set[int] = set()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a local Ray head's services)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -50,7 +51,7 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 180.0) -> Iterato
     """
     tmp = _temp_dir()
     ports = {
-        k: _free_port()
+        k: free_port()
         for k in ("port", "dash", "client", "agent_http", "agent_grpc", "runtime_env", "metrics")
     }
     cmd = [

@@ -851,14 +851,6 @@ def _latest_checkpoint(partial: Path) -> Path | None:
     return max(done, key=lambda d: d.name) if done else None
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _local_ray_dir() -> str:
     # Unix socket paths must stay under 107 bytes: a short folder of our own, never /tmp/ray
     # (another Ray on the same machine may own it).
@@ -890,10 +882,12 @@ def ray_session(address: str | None, *, num_cpus: int | None = None):
         finally:
             ray.shutdown()
         return
+    from tli.rayhead import free_port
+
     tmp = _local_ray_dir()
     # The dashboard hosts the State API that Ray Train's placement-group cleaner polls; a free
     # port of our own so that another Ray on this machine (on 8265) is no obstacle.
-    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=_free_port(),
+    ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_port=free_port(),
              _temp_dir=tmp, log_to_driver=True)  # fmt: skip
     try:
         yield True

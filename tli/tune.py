@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -318,12 +317,6 @@ def _trial_driver(config: dict[str, Any], shared: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- Ray session
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def local_ray_temp_dir() -> str:
     """The temp dir of the local Ray :func:`tune_ray_session` starts (short: unix sockets live
     there and their paths must stay under 107 bytes; never the shared default /tmp/ray)."""
@@ -355,8 +348,10 @@ def tune_ray_session(address: str | None) -> Iterator[None]:
         finally:
             ray.shutdown()
         return
+    from tli.rayhead import free_port
+
     tmp = local_ray_temp_dir()
-    port = _free_port()
+    port = free_port()
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     ray.init(
         num_cpus=os.cpu_count(),

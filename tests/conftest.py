@@ -82,3 +82,18 @@ def tiny_injected_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
 
     out = tmp_path_factory.mktemp("tiny_inj") / "model"
     return run_inject(tiny_model_dir, out, InjectConfig(interval=2), progress=False)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small repetitive jsonl corpus (~10k SmolLM2 tokens, a few validation documents)."""
+    import json
+
+    words = "the quick brown fox jumps over the lazy dog while seven bakers sing".split()
+    lines = []
+    for i in range(300):
+        w = words[i % len(words) :] + words[: i % len(words)]
+        lines.append(json.dumps({"text": f"Record {i}: " + " ".join(w) + "."}))
+    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -40,19 +40,6 @@ def _metrics(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small repetitive jsonl corpus (~10k SmolLM2 tokens, a few validation documents)."""
-    words = "the quick brown fox jumps over the lazy dog while seven bakers sing".split()
-    lines = []
-    for i in range(300):
-        w = words[i % len(words) :] + words[: i % len(words)]
-        lines.append(json.dumps({"text": f"Record {i}: " + " ".join(w) + "."}))
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def ray_local():
     with local_ray("train", num_cpus=2):
         yield

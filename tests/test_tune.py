@@ -24,19 +24,6 @@ SEQ = 32
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small repetitive jsonl corpus (~10k SmolLM2 tokens, a few validation documents)."""
-    words = "the quick brown fox jumps over the lazy dog while seven bakers sing".split()
-    lines = []
-    for i in range(300):
-        w = words[i % len(words) :] + words[: i % len(words)]
-        lines.append(json.dumps({"text": f"Record {i}: " + " ".join(w) + "."}))
-    path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def ray_tune():
     """A local Ray for this module, with the dashboard ``tli tune`` needs (see tune_ray_session)."""
     from tli.tune import tune_ray_session

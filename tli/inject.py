@@ -214,13 +214,21 @@ def atomic_dir(out: Path, *, force: bool):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():  # --force: swap, then remove the old one
+    swap_in(tmp, out)
+
+
+def swap_in(done: Path, out: Path) -> None:
+    """Rename the complete folder ``done`` to ``out``; an existing ``out`` (--force) is replaced.
+
+    The old folder is renamed aside first, so ``out`` never names a half-removed folder.
+    """
+    if out.exists():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         out.rename(old)
-        tmp.rename(out)
+        done.rename(out)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        tmp.rename(out)
+        done.rename(out)
 
 
 def package_versions(*names: str) -> dict[str, str]:

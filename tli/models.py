@@ -6,7 +6,6 @@ us): their files are found with ``importlib.util.find_spec``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from importlib import metadata
 from pathlib import Path
@@ -20,17 +19,6 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 
 
-def package_dir(dist: str, version: str) -> Path:
-    """The folder of an offline asset package, or a one-line error saying how to install it."""
-    module = dist.replace("-", "_")
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise TliError(
-            f"the package {dist} is not installed: pip install --no-deps {dist}=={version}"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def cache_dir() -> Path:
     """tli's cache folder ($TLI_CACHE, else the user cache dir)."""
     import os
@@ -42,7 +30,10 @@ def cache_dir() -> Path:
 
 def bundled_gguf() -> Path:
     """The GGUF file of the bundled base model."""
-    path = package_dir(BUNDLED_PACKAGE, BUNDLED_VERSION) / BUNDLED_GGUF
+    from tli.data import package_dir
+
+    pkg = package_dir(BUNDLED_PACKAGE.replace("-", "_"), f"{BUNDLED_PACKAGE}=={BUNDLED_VERSION}")
+    path = pkg / BUNDLED_GGUF
     if not path.is_file():
         raise TliError(
             f"{BUNDLED_GGUF} is missing from {BUNDLED_PACKAGE}: "

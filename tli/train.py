@@ -1084,13 +1084,9 @@ def run_train(
     _finish(model_dir, partial, final, history, cfg, config, plan,
             timing={"wall_s": wall, "ray_init_s": t_ray}, keep_checkpoints=keep_checkpoints,
             data=paths)  # fmt: skip
-    if out.exists():  # --force: swap in, then drop the old one
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        partial.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        partial.rename(out)
+    from tli.inject import swap_in
+
+    swap_in(partial, out)  # --force: the old folder is replaced only now
     return out
 
 

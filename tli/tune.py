@@ -838,13 +838,9 @@ def run_tune(
     }
     (partial / STATE_FILE).write_text(json.dumps(saved, indent=2) + "\n")
     shutil.rmtree(partial / TRAIN_RUNS, ignore_errors=True)
-    if out.exists():  # --force: swap in, then drop the old one
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        partial.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        partial.rename(out)
+    from tli.inject import swap_in
+
+    swap_in(partial, out)  # --force: the old folder is replaced only now
     print_summary(rows)
     if best is None:
         raise NoTrialSucceeded(f"every trial failed: see {out / TRIALS_CSV}")

@@ -4,7 +4,8 @@ Generates Llama-shaped checkpoints of random bf16 weights (by default ~0.5 GB an
 ~1 GB shards), then alternates `cp -r` of the folder and `tli inject` (TLI, K=4, identity) on it,
 several rounds, and reports the median wall-time ratio and each command's peak RSS (ru_maxrss of
 the child). Both read from the page cache after the first round, so the ratio compares the work
-each does on the bytes, not the disk.
+each does on the bytes, not the disk. tli runs twice per round: as it comes (one writer thread
+per output shard, up to one per CPU) and with ``--threads 1``, the same single thread cp has.
 
     .venv/bin/python benchmarks/bench_inject.py [--sizes 0.5,2] [--rounds 3] [--dir DIR]
         [--mergekit PATH/TO/mergekit-yaml]
@@ -146,6 +147,7 @@ def main() -> None:
             src = root / f"src-{gb}"
             layers, nbytes = make_checkpoint(src, gb)
             cp_t, tli_t, cp_rss, tli_rss, mk_t, mk_rss = [], [], [], [], [], []
+            tli1_t: list[float] = []
             cp_cpu, tli_cpu, mk_cpu = [], [], []
             mk_cfg = root / "mergekit.yaml"
             mk_cfg.write_text(mergekit_config(src, layers, 4))
@@ -171,6 +173,11 @@ def main() -> None:
                 )
                 out_bytes = sum(f.stat().st_size for f in out.iterdir())
                 shutil.rmtree(out)
+                w4, _, _ = measure(
+                    [tli, "inject", "--model", str(src), "--out", str(out), "--interval", "4",
+                     "--shard-size", "1GB", "--quiet", "--threads", "1"]
+                )  # fmt: skip
+                shutil.rmtree(out)
                 if args.mergekit:
                     mk_out = root / "mk-out"
                     w3, c3, rss3 = measure(
@@ -189,6 +196,7 @@ def main() -> None:
                         mk_t.append(w3), mk_rss.append(rss3), mk_cpu.append(c3)
                 if r:
                     cp_t.append(w), tli_t.append(w2), cp_rss.append(rss), tli_rss.append(rss2)
+                    tli1_t.append(w4)
                     cp_cpu.append(c), tli_cpu.append(c2)
             rows.append(
                 {
@@ -199,6 +207,9 @@ def main() -> None:
                     "tli_s": round(statistics.median(tli_t), 2),
                     "ratio": round(
                         statistics.median(b / a for a, b in zip(cp_t, tli_t, strict=True)), 2
+                    ),
+                    "ratio_1_thread": round(
+                        statistics.median(b / a for a, b in zip(cp_t, tli1_t, strict=True)), 2
                     ),
                     "cp_cpu_s": round(statistics.median(cp_cpu), 2),
                     "tli_cpu_s": round(statistics.median(tli_cpu), 2),

@@ -227,3 +227,75 @@ def test_real_smollm2_30_to_36_logits_unchanged(base_dir: Path, tmp_path: Path):
     ids = tok("The capital of France is Paris, and it is known for", return_tensors="pt").input_ids
     a, b = logits(base_dir, ids), logits(out, ids)
     assert torch.equal(a, b), f"max diff {(a - b).abs().max().item()}"
+
+
+def _source_of(out: Path, base: Path) -> dict[str, tuple]:
+    """Each output tensor -> (its output ref, the input ref it was copied from, or None if zeroed)."""
+    import re
+
+    from tli.stio import read_checkpoint
+
+    a, b = read_checkpoint(base), read_checkpoint(out)
+    layers = {s.index: s for s in read_plan(out).layers}
+    pairs = {}
+    for name, ref in b.items():
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+        if not m:
+            pairs[name] = (ref, a[name])
+            continue
+        s = layers[int(m.group(1))]
+        zeroed = s.out_scale == 0.0 and m.group(2).split(".")[1] in ("o_proj", "down_proj")
+        pairs[name] = (ref, None if zeroed else a[f"model.layers.{s.source}.{m.group(2)}"])
+    return pairs
+
+
+def test_real_smollm2_copies_aligned_and_zeros_are_holes(base_dir: Path, tmp_path: Path):
+    """The writer's two speed levers, on the real model: page-aligned copies and zeros as holes."""
+    import os
+
+    out = run_inject(base_dir, tmp_path / "smol36", InjectConfig(interval=5), progress=False)
+    pairs = _source_of(out, base_dir)
+    copied = [(o, i) for o, i in pairs.values() if i is not None]
+    aligned = sum(o.nbytes for o, i in copied if (o.start - i.start) % 4096 == 0)
+    assert aligned / sum(o.nbytes for o, _ in copied) > 0.85
+    for o, i in copied:
+        assert o.nbytes == i.nbytes
+    zeros = [o for o, i in pairs.values() if i is None]
+    assert len(zeros) == 12  # o_proj and down_proj of the 6 new layers
+    probe = tmp_path / "probe"  # does this filesystem keep holes at all?
+    with open(probe, "wb") as f:
+        f.truncate(1 << 20)
+    if probe.stat().st_blocks * 512 >= 1 << 20:
+        pytest.skip("this filesystem does not keep holes")
+    fd = os.open(out / "model.safetensors", os.O_RDONLY)
+    try:
+        for z in zeros:  # every whole page inside a zero tensor is a hole
+            first_page = -(-z.start // 4096) * 4096
+            if z.end - first_page >= 4096:
+                assert os.lseek(fd, first_page, os.SEEK_HOLE) == first_page, z.name
+    finally:
+        os.close(fd)
+
+
+def test_parallel_shard_writers_write_identical_bytes(tmp_path: Path):
+    """Shards are written by several threads at once; the bytes must not depend on it."""
+    from tli.arch import arch_for
+    from tli.inject import plan_tensors
+    from tli.stio import plan_shards, read_checkpoint, write_checkpoint
+
+    src = build("qwen2", tmp_path / "base", max_shard_size="40KB")
+    refs = read_checkpoint(src)
+    cfg = json.loads((src / "config.json").read_text())
+    tensors = plan_tensors(refs, make_plan(6, InjectConfig(interval=2)), arch_for(cfg, list(refs)))
+    shards = plan_shards(tensors, 30_000)
+    homes = [{t.home for t in shard} for shard in shards]
+    assert all(len(h) == 1 for h in homes), "a shard mixes input files"
+    for shard in shards:
+        assert sum(t.nbytes for t in shard) <= 30_000 or len(shard) == 1
+    outs = []
+    for threads in (1, 3):
+        d = tmp_path / f"t{threads}"
+        d.mkdir()
+        files = write_checkpoint(d, tensors, max_shard_bytes=30_000, threads=threads)
+        outs.append({f.name: f.read_bytes() for f in files})
+    assert len(outs[0]) > 3 and outs[0] == outs[1]

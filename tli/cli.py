@@ -29,6 +29,8 @@ COMMAND_MODULES = [
     "pipeline",
     "runs",
 ]
+# Commands registered by a module of another name.
+_MODULE_OF = {"import-gguf": "import_base"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -39,14 +41,22 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or, when ``argv`` starts with a known command, just that command's.
+
+    Importing one command module instead of all of them keeps start-up short (a `tli inject`
+    is often a fraction of a second of work).
+    """
+    first = argv[0] if argv else ""
+    only = _MODULE_OF.get(first, first.replace("-", "_"))
+    modules = [only] if only in COMMAND_MODULES else COMMAND_MODULES
     parser = OneLineParser(
         prog="tli",
         description="Depth up-scaling of LLMs by Transformer Layer Injection, on Ray and KFP.",
     )
     parser.add_argument("--version", action="version", version=f"tli {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    for name in COMMAND_MODULES:
+    for name in modules:
         try:
             mod = importlib.import_module(f"tli.commands.{name}")
         except ModuleNotFoundError as e:
@@ -65,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     # Ray 2.60 heads use token auth; Ray reads the mode once per process, so fix it before any
     # stage imports ray (the token is generated in ~/.ray/auth_token when missing).
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

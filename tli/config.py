@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tli.errors import TliError
@@ -205,6 +204,8 @@ def validate(model: type[Section], data: dict[str, Any], origin: str) -> Section
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a run-config YAML file as a plain dict (not yet validated)."""
+    import yaml  # here, not at the top: most commands never read YAML
+
     p = Path(path)
     try:
         text = p.read_text()
@@ -231,4 +232,6 @@ def load_run_config(path: str | Path | None) -> RunConfig:
 
 def dump_yaml(cfg: BaseModel) -> str:
     """The YAML form of a config (round-trips through :func:`load_run_config`)."""
+    import yaml
+
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

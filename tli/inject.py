@@ -143,10 +143,11 @@ def _load(ref: TensorRef):
 
 
 def plan_tensors(refs: dict[str, TensorRef], plan: Plan, spec: ArchSpec) -> list[OutTensor]:
-    """Every output tensor with how its bytes are produced, in file order.
+    """Every output tensor with how its bytes are produced and the input file it comes from.
 
     Non-layer tensors (embeddings, final norm, lm_head if untied) come first, then the layers in
-    output order, each with its tensors in name order.
+    output order, each with its tensors in name order; `tli.stio.plan_shards` decides the order
+    in the files.
     """
     rx = spec.layer_re()
     by_layer: dict[int, dict[str, TensorRef]] = {}
@@ -157,7 +158,7 @@ def plan_tensors(refs: dict[str, TensorRef], plan: Plan, spec: ArchSpec) -> list
             by_layer.setdefault(int(m.group(1)), {})[m.group(2)] = refs[name]
         else:
             r = refs[name]
-            head.append(OutTensor(name, r.dtype, r.shape, r.nbytes, "copy", src=r))
+            head.append(OutTensor(name, r.dtype, r.shape, r.nbytes, "copy", src=r, home=r.file))
     if sorted(by_layer) != list(range(plan.num_layers_in)):
         raise TliError(
             f"the checkpoint has layers {sorted(by_layer)[:3]}...{len(by_layer)} in all, "
@@ -183,16 +184,18 @@ def _out_tensor(
     resid = spec.is_residual_out(sfx)
     scale = s.out_scale if resid else 1.0
     if resid and scale == 0.0:
-        return OutTensor(name, src.dtype, src.shape, src.nbytes, "zeros")
+        return OutTensor(name, src.dtype, src.shape, src.nbytes, "zeros", src=src, home=src.file)
     if len(s.sources) == 1 and scale == 1.0:
-        return OutTensor(name, src.dtype, src.shape, src.nbytes, "copy", src=src)
+        return OutTensor(name, src.dtype, src.shape, src.nbytes, "copy", src=src, home=src.file)
     refs = [by_layer[i][sfx] for i in s.sources]
 
     def compute() -> memoryview:
         t = blend([_load(r) for r in refs], s.out_scale, resid)
         return memoryview(t.contiguous().view(-1).view(__import__("torch").uint8).numpy())
 
-    return OutTensor(name, src.dtype, src.shape, src.nbytes, "compute", compute=compute)
+    return OutTensor(
+        name, src.dtype, src.shape, src.nbytes, "compute", compute=compute, home=src.file
+    )
 
 
 # ---------------------------------------------------------------------------- output folder
@@ -294,6 +297,7 @@ def run_inject(
     force: bool = False,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    threads: int | None = None,
 ) -> Path:
     """Inject layers into the HF model at ``model_dir`` and write the result to ``out_dir``.
 
@@ -304,6 +308,7 @@ def run_inject(
         force: replace ``out_dir`` if it exists.
         max_shard_bytes: output shard size limit.
         progress: show a progress bar on stderr.
+        threads: output shards written at once (default: one per CPU, at most 4).
 
     Returns:
         ``out_dir``.
@@ -326,7 +331,7 @@ def run_inject(
 
     with atomic_dir(out_dir, force=force) as tmp, _bar(total, progress) as advance:
         write_checkpoint(tmp, tensors, max_shard_bytes=max_shard_bytes, metadata=meta,
-                         progress=advance)  # fmt: skip
+                         progress=advance, threads=threads)  # fmt: skip
         for f in sorted(model_dir.iterdir()):
             if f.is_file() and f.suffix not in _SKIP_SUFFIXES and f.name not in _SKIP_NAMES:
                 shutil.copyfile(f, tmp / f.name)

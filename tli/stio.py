@@ -23,7 +23,6 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _CHUNK = 64 * 1024 * 1024  # bytes per copy_file_range call
-_ZERO_CHUNK = 4 * 1024 * 1024  # zero-fill buffer: small, so peak memory stays flat
 
 DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
@@ -136,8 +135,13 @@ def read_checkpoint(model_dir: Path) -> dict[str, TensorRef]:
 
 # ---------------------------------------------------------------------------- writing
 
-# A producer writes exactly ``nbytes`` bytes of one tensor to an open file.
-Producer = Callable[[int], None]
+# A kernel copy (copy_file_range, which ext4 serves by splicing page-cache pages) runs ~1.5x
+# faster when (a) source and destination sit at the same offset within a page and (b) each call
+# starts at a 64 KiB boundary of the destination, so the page cache can use large folios there.
+# Measured on ext4 (benchmarks/bench_inject.py): 4.3 GB/s when both hold, 2.8 GB/s otherwise.
+_PAGE = 4096
+_FOLIO = 64 * 1024
+_ALIGN_MIN_BYTES = 1024 * 1024  # shards with fewer copied bytes are not padded
 
 
 @dataclass(frozen=True)
@@ -149,19 +153,33 @@ class OutTensor:
     shape: tuple[int, ...]
     nbytes: int
     kind: str  # "copy" | "zeros" | "compute"
-    src: TensorRef | None = None  # for "copy"
+    src: TensorRef | None = None  # "copy": the bytes copied; "zeros": the tensor it stands for
     compute: Callable[[], bytes | memoryview] | None = None  # for "compute"
+    home: Path | None = None  # the input file this tensor (or its layer) comes from
 
 
-def copy_range(src_fd: int, dst_fd: int, start: int, nbytes: int) -> None:
-    """Copy ``nbytes`` from ``src_fd`` at ``start`` to ``dst_fd``'s current position."""
+def copy_range(
+    src_fd: int,
+    dst_fd: int,
+    start: int,
+    nbytes: int,
+    dst_start: int,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Copy ``nbytes`` from ``src_fd`` at ``start`` to ``dst_fd`` at ``dst_start`` (positional)."""
     done = 0
     try:
         while done < nbytes:
-            n = os.copy_file_range(src_fd, dst_fd, min(_CHUNK, nbytes - done), start + done)
+            # A call that starts off a 64 KiB boundary of the destination is slow all along
+            # (see _FOLIO): copy up to the boundary first, then whole chunks from it.
+            lead = -(dst_start + done) % _FOLIO
+            step = min(lead or _CHUNK, nbytes - done)
+            n = os.copy_file_range(src_fd, dst_fd, step, start + done, dst_start + done)
             if n == 0:
-                raise OSError("copy_file_range copied nothing")
+                raise TliError("input file shrank while it was being read")
             done += n
+            if progress:
+                progress(n)
         return
     except OSError:
         pass  # not supported here (old kernel, other filesystem): plain reads below
@@ -169,36 +187,93 @@ def copy_range(src_fd: int, dst_fd: int, start: int, nbytes: int) -> None:
         buf = os.pread(src_fd, min(_CHUNK, nbytes - done), start + done)
         if not buf:
             raise TliError("input file shrank while it was being read")
-        os.write(dst_fd, buf)
+        _pwrite_all(dst_fd, buf, dst_start + done)
         done += len(buf)
+        if progress:
+            progress(len(buf))
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
+    """Group output tensors into shards and order each shard for fast copying.
+
+    A shard never mixes tensors whose ``home`` input files differ, so that one header length
+    can line all its copies up with their source pages (see :func:`_header_bytes`). Within a
+    home, first copies come in source order (an original layer's tensors then form one
+    contiguous range: one kernel call), then repeated copies (new layers) in source order with
+    their zeroed tensors in place, then computed tensors. Zeros are holes, free to write; those
+    whose size is not a whole number of pages go last, so that they never shift the alignment of
+    a copy. A shard holds at most ``max_bytes`` (one tensor may exceed it).
+    """
+    homes: dict[Path | None, list[OutTensor]] = {}
+    for t in tensors:
+        homes.setdefault(t.home, []).append(t)
+    shards: list[list[OutTensor]] = []
+    for group in homes.values():
+        seen: set[tuple[Path, int, int]] = set()
+        firsts: list[OutTensor] = []
+        repeats: list[OutTensor] = []
+        in_place = [t for t in group if t.kind == "zeros" and t.src and t.nbytes % _PAGE == 0]
+        for t in sorted([t for t in group if t.kind == "copy"] + in_place, key=_src_key):
+            key = _src_key(t)
+            (repeats if key in seen or t.kind == "zeros" else firsts).append(t)
+            seen.add(key)
+        ordered = firsts + repeats
+        ordered += [t for t in group if t.kind == "compute"]
+        placed = {id(t) for t in in_place}
+        ordered += [t for t in group if t.kind == "zeros" and id(t) not in placed]
+        shards.append([])
+        size = 0
+        for t in ordered:
+            if shards[-1] and size + t.nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(t)
+            size += t.nbytes
+    return shards or [[]]
+
+
+def _src_key(t: OutTensor) -> tuple[Path, int, int]:
+    assert t.src is not None
+    return (t.src.file, t.src.start, t.src.end)
 
 
 def _header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length and JSON header, padded with spaces so that copies are aligned.
+
+    A kernel copy whose source and destination offsets differ within a page runs ~1.5x slower
+    (each source page lands on two destination pages), and reflink-capable filesystems can share
+    only aligned blocks. The data start is free (a header may end in spaces), so in a shard with
+    more than a few copied bytes it is chosen such that most of them sit at the same offset
+    within a page as in their input file: at most 4 KiB of spaces per shard.
+    """
     header: dict[str, object] = {"__metadata__": metadata}
     off = 0
+    weight: dict[int, int] = {}  # data start (mod _PAGE) -> copied bytes it would align
     for t in tensors:
         header[t.name] = {
             "dtype": t.dtype,
             "shape": list(t.shape),
             "data_offsets": [off, off + t.nbytes],
         }
+        if t.kind == "copy" and t.src is not None:
+            want = (t.src.start - off) % _PAGE
+            if want % 8 == 0:  # the data start stays 8-byte aligned, as safetensors wants
+                weight[want] = weight.get(want, 0) + t.nbytes
         off += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
+    if sum(weight.values()) >= _ALIGN_MIN_BYTES:
+        target = max(weight, key=lambda k: (weight[k], -k))
+        raw += b" " * ((target - 8 - len(raw)) % _PAGE)
+    else:
+        raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
     return struct.pack("<Q", len(raw)) + raw
-
-
-def split_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
-    """Group tensors, in order, into shards of at most ``max_bytes`` (one tensor may exceed it)."""
-    shards: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
 
 
 def write_checkpoint(
@@ -208,49 +283,78 @@ def write_checkpoint(
     max_shard_bytes: int,
     metadata: dict[str, str] | None = None,
     progress: Callable[[int], None] | None = None,
+    threads: int | None = None,
 ) -> list[Path]:
     """Write ``tensors`` as safetensors shards (+ index when more than one) into ``out_dir``.
 
     Args:
         out_dir: an existing, empty folder.
-        tensors: output tensors in file order.
+        tensors: output tensors (grouped and ordered by :func:`plan_shards`).
         max_shard_bytes: shard size limit.
         metadata: the ``__metadata__`` of every shard (``format: pt`` is always set).
-        progress: called with the bytes written after each tensor.
+        progress: called with the number of bytes done, as they are done.
+        threads: shards written at once (default: one per CPU, at most 4). Each shard is its
+            own file, so the kernel copies run in parallel; within one file they would not (the
+            kernel serializes writes to one file).
 
     Returns:
         The files written.
     """
     meta = {**(metadata or {}), "format": "pt"}
-    shards = split_shards(tensors, max_shard_bytes)
+    shards = plan_shards(tensors, max_shard_bytes)
     names = (
         [SINGLE_FILE]
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    src_fds: dict[Path, int] = {}
-    written: list[Path] = []
-    try:
-        for fname, shard in zip(names, shards, strict=True):
-            path = out_dir / fname
-            with open(path, "wb") as f:
-                f.write(_header_bytes(shard, meta))
-                f.flush()
-                fd = f.fileno()
-                for run in _copy_runs(shard):
-                    _write_run(run, fd, src_fds)
-                    if progress:
-                        progress(sum(t.nbytes for t in run))
-            written.append(path)
-    finally:
-        for fd in src_fds.values():
-            os.close(fd)
+    paths = [out_dir / n for n in names]
+    threads = max(1, min(len(shards), threads or min(os.cpu_count() or 1, 4)))
+    if threads == 1:
+        for path, shard in zip(paths, shards, strict=True):
+            _write_shard(path, shard, meta, progress)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        # Largest shards first, so that the last one to start is a short one.
+        order = sorted(range(len(shards)), key=lambda i: -sum(t.nbytes for t in shards[i]))
+        with ThreadPoolExecutor(threads) as pool:
+            jobs = [pool.submit(_write_shard, paths[i], shards[i], meta, progress) for i in order]
+            for job in jobs:
+                job.result()
+    written = list(paths)
     if len(shards) > 1:
         wmap = {t.name: n for n, shard in zip(names, shards, strict=True) for t in shard}
+        wmap = dict(sorted(wmap.items()))
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": wmap}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         written.append(out_dir / INDEX_FILE)
     return written
+
+
+def _write_shard(
+    path: Path,
+    shard: list[OutTensor],
+    meta: dict[str, str],
+    progress: Callable[[int], None] | None,
+) -> None:
+    """One shard: header, then every tensor at its offset; zeros are left as holes."""
+    head = _header_bytes(shard, meta)
+    src_fds: dict[Path, int] = {}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        # Sizing the file first makes every zero tensor a hole: read back as zeros, never
+        # written, no disk blocks (cp and tar keep holes too).
+        os.ftruncate(fd, len(head) + sum(t.nbytes for t in shard))
+        _pwrite_all(fd, head, 0)
+        pos = len(head)
+        for run in _copy_runs(shard):
+            nbytes = sum(t.nbytes for t in run)
+            _write_run(run, fd, pos, src_fds, progress)
+            pos += nbytes
+    finally:
+        os.close(fd)
+        for sfd in src_fds.values():
+            os.close(sfd)
 
 
 def _copy_runs(shard: list[OutTensor]) -> list[list[OutTensor]]:
@@ -277,39 +381,33 @@ def _copy_runs(shard: list[OutTensor]) -> list[list[OutTensor]]:
     return runs
 
 
-def _write_run(run: list[OutTensor], fd: int, src_fds: dict[Path, int]) -> None:
-    if len(run) == 1:
-        _write_one(run[0], fd, src_fds)
-        return
-    first, last = run[0].src, run[-1].src
-    assert first is not None and last is not None
-    if first.file not in src_fds:
-        src_fds[first.file] = os.open(first.file, os.O_RDONLY)
-    copy_range(src_fds[first.file], fd, first.start, last.end - first.start)
-
-
-def _write_one(t: OutTensor, fd: int, src_fds: dict[Path, int]) -> None:
+def _write_run(
+    run: list[OutTensor],
+    fd: int,
+    pos: int,
+    src_fds: dict[Path, int],
+    progress: Callable[[int], None] | None,
+) -> None:
+    t = run[0]
     if t.kind == "copy":
-        assert t.src is not None and t.src.nbytes == t.nbytes, f"{t.name}: size mismatch"
-        if t.src.file not in src_fds:
-            src_fds[t.src.file] = os.open(t.src.file, os.O_RDONLY)
-        copy_range(src_fds[t.src.file], fd, t.src.start, t.nbytes)
+        first, last = run[0].src, run[-1].src
+        assert first is not None and last is not None
+        assert sum(x.nbytes for x in run) == last.end - first.start, f"{t.name}: size mismatch"
+        if first.file not in src_fds:
+            src_fds[first.file] = os.open(first.file, os.O_RDONLY)
+        copy_range(src_fds[first.file], fd, first.start, last.end - first.start, pos, progress)
     elif t.kind == "zeros":
-        left = t.nbytes
-        zeros = bytes(min(_ZERO_CHUNK, left))
-        while left:
-            n = os.write(fd, zeros[: min(len(zeros), left)])
-            left -= n
+        if progress:
+            progress(t.nbytes)  # a hole: ftruncate already made these bytes zeros
     elif t.kind == "compute":
         assert t.compute is not None
         data = t.compute()
         assert len(data) == t.nbytes, (
             f"{t.name}: computed {len(data)} bytes, header says {t.nbytes}"
         )
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        _pwrite_all(fd, data, pos)
+        if progress:
+            progress(t.nbytes)
     else:  # pragma: no cover - construction bug
         raise AssertionError(f"unknown producer kind {t.kind}")
 

@@ -19,6 +19,12 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * mult)
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inject",
@@ -36,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument(
         "--shard-size", type=parse_size, default="5GB", help="max output shard size (default: 5GB)"
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="output shards written at once (default: one per CPU, at most 4)",
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -75,6 +87,7 @@ def handler(args: argparse.Namespace) -> int:
         force=args.force,
         max_shard_bytes=args.shard_size,
         progress=not args.quiet,
+        threads=args.threads,
     )
     _print_summary(out)
     return 0

@@ -1,8 +1,9 @@
 """Executing an injection plan: streaming on disk (`run_inject`) or in memory (Tune trials).
 
 The streaming executor never holds the model: unchanged tensors are copied as byte ranges,
-zeroed projections are written as zeros, and only tensors that must be computed (interpolation,
-a fractional ``alpha``) are read, one at a time. torch is imported only in that last case.
+zeroed projections are holes in the output file, and only tensors that must be computed
+(interpolation, a fractional ``alpha``) are read, one at a time. torch is imported only in that
+last case.
 """
 
 from __future__ import annotations

@@ -299,3 +299,22 @@ def test_parallel_shard_writers_write_identical_bytes(tmp_path: Path):
         files = write_checkpoint(d, tensors, max_shard_bytes=30_000, threads=threads)
         outs.append({f.name: f.read_bytes() for f in files})
     assert len(outs[0]) > 3 and outs[0] == outs[1]
+
+
+def test_without_kernel_copies_the_bytes_are_the_same(tmp_path: Path, monkeypatch):
+    """Across filesystems (EXDEV) or on old kernels copy_file_range fails: reads take over."""
+    import errno
+    import os
+
+    src = build("phi3", tmp_path / "base", max_shard_size="40KB")
+    fast = run_inject(src, tmp_path / "fast", InjectConfig(interval=2), progress=False)
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    slow = run_inject(src, tmp_path / "slow", InjectConfig(interval=2), progress=False)
+    names = sorted(p.name for p in fast.iterdir())
+    assert names == sorted(p.name for p in slow.iterdir())
+    for n in names:
+        assert (fast / n).read_bytes() == (slow / n).read_bytes(), n

@@ -22,7 +22,8 @@ from tli.errors import TliError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
-_CHUNK = 64 * 1024 * 1024  # bytes per copy_file_range call
+_CHUNK = 64 * 1024 * 1024  # bytes per copy_file_range call (a multiple of _FOLIO)
+_READ_CHUNK = 8 * 1024 * 1024  # bytes per read where the kernel cannot copy: bounds memory
 
 DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
@@ -182,9 +183,9 @@ def copy_range(
                 progress(n)
         return
     except OSError:
-        pass  # not supported here (old kernel, other filesystem): plain reads below
+        pass  # not supported here (across filesystems, old kernel): plain reads below
     while done < nbytes:
-        buf = os.pread(src_fd, min(_CHUNK, nbytes - done), start + done)
+        buf = os.pread(src_fd, min(_READ_CHUNK, nbytes - done), start + done)
         if not buf:
             raise TliError("input file shrank while it was being read")
         _pwrite_all(dst_fd, buf, dst_start + done)

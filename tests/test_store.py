@@ -141,3 +141,30 @@ def test_unwritable_store_is_one_clear_error(tmp_path: Path) -> None:
         Store(f / "sub").check_writable()
     Store(tmp_path / "new" / "store").check_writable()  # creatable: fine, and nothing written
     assert not (tmp_path / "new").exists()
+
+
+def test_import_base_version_follows_content_not_path(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The same base folder at two paths (two machines, two clones) is one version."""
+    import shutil
+
+    from tli.runner import prepare
+
+    keys = []
+    for name in ("a", "b/deeper"):
+        copy = tmp_path / name
+        shutil.copytree(tiny_model_dir, copy)
+        *_, params, key = prepare(
+            "import-base", tmp_path / "store", {"base": {"model": str(copy)}}, {}
+        )
+        assert str(tmp_path) not in json.dumps(params)
+        keys.append(key)
+    assert keys[0] == keys[1]
+    (tmp_path / "b" / "deeper" / "config.json").write_text(
+        (tiny_model_dir / "config.json").read_text().replace("}", ', "x": 1}', 1)
+    )
+    *_, changed = prepare(
+        "import-base", tmp_path / "store", {"base": {"model": str(tmp_path / "b" / "deeper")}}, {}
+    )
+    assert changed != keys[0]
+    *_, bundled = prepare("import-base", tmp_path / "store", {}, {})
+    assert bundled not in keys

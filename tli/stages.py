@@ -46,7 +46,7 @@ class Stage:
         if self.path_field:
             section, field = self.path_field
             if out[section].get(field) is not None:
-                out[section][field] = "<a folder: its content hash is the input 'source'>"
+                out[section][field] = "(content: input source)"
         return out
 
 

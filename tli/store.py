@@ -329,14 +329,64 @@ class Store:
 
     @contextlib.contextmanager
     def _temp_version(self, stage: str, key: str) -> Iterator[Path]:
+        """A temporary version folder, locked by this process until it is renamed or removed.
+
+        A stage killed outright (SIGKILL, OOM, pod eviction) cannot remove its folder; the lock
+        file beside it (``<tmp>.lock``, held with ``flock``, released by the kernel when the
+        process dies) is how :meth:`stale_temps` tells such a leftover from a running stage.
+        """
+        import fcntl
+
         d = self.stage_dir(stage)
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
+        lock = tmp.with_name(tmp.name + ".lock")
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            yield tmp
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            tmp.mkdir()
+            try:
+                yield tmp
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed; removed on failure
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed; removed on failure
+            lock.unlink(missing_ok=True)
+            os.close(fd)
+
+    def stale_temps(self) -> list[tuple[Path, int]]:
+        """Temporary version folders no running process holds, with their sizes in bytes.
+
+        They are what a killed stage left behind (nothing else points at them).
+        """
+        import fcntl
+
+        out: list[tuple[Path, int]] = []
+        if not self.root.is_dir():
+            return out
+        for sd in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for tmp in sorted(sd.glob(".tmp-*")):
+                if not tmp.is_dir():
+                    continue
+                lock = tmp.with_name(tmp.name + ".lock")
+                try:
+                    fd = os.open(lock, os.O_RDONLY)
+                except FileNotFoundError:
+                    fd = None  # the stage died before it could lock, or never locked
+                if fd is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a running stage holds it
+                    finally:
+                        os.close(fd)
+                size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+                out.append((tmp, size))
+        return out
+
+    def remove_temp(self, tmp: Path) -> None:
+        """Remove one folder listed by :meth:`stale_temps`, and its lock file."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.with_name(tmp.name + ".lock").unlink(missing_ok=True)
 
     def run(
         self,

@@ -1,4 +1,4 @@
-"""`tli runs list|show`: what the stage store holds, and the lineage of a result."""
+"""`tli runs list|show|clean`: what the stage store holds, a result's lineage, and leftovers."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     sh.add_argument("version", help="a version (a unique prefix is enough; or STAGE/VERSION)")
     sh.add_argument("--store", default=RunConfig().pipeline.store, help=store_help)
     sh.set_defaults(func=_show)
+    cl = ps.add_parser("clean", help="remove folders left by stages that were killed")
+    cl.add_argument("--store", default=RunConfig().pipeline.store, help=store_help)
+    cl.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
+    cl.set_defaults(func=_clean)
 
 
 def _open(path: str):
@@ -56,13 +60,36 @@ def _list(args: argparse.Namespace) -> int:
         get_stage(args.stage)
     if not rows:
         print(f"{store.root}: no stored versions")
-        return 0
-    print(f"{'stage':<12} {'version':<20} {'finished':<26} {'seconds':>8}  inputs")
+    else:
+        print(f"{'stage':<12} {'version':<20} {'finished':<26} {'seconds':>8}  inputs")
     for m in rows:
         print(
             f"{m['stage']:<12} {m['version']:<20} {m.get('ended', ''):<26} "
             f"{m.get('seconds', 0):>8.1f}  {_inputs_text(m)}"
         )
+    stale = store.stale_temps()
+    if stale:
+        size = sum(n for _, n in stale) / 1e6
+        print(
+            f"{len(stale)} unfinished folder(s) from killed stages ({size:,.1f} MB): "
+            "`tli runs clean` removes them"
+        )
+    return 0
+
+
+def _clean(args: argparse.Namespace) -> int:
+    store = _open(args.store)
+    stale = store.stale_temps()
+    for tmp, size in stale:
+        if not args.dry_run:
+            store.remove_temp(tmp)
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {tmp.relative_to(store.root)} ({size / 1e6:,.1f} MB)")
+    total = sum(n for _, n in stale) / 1e6
+    print(
+        f"{len(stale)} unfinished folder(s), {total:,.1f} MB"
+        + (" (dry run)" if args.dry_run else "")
+    )
     return 0
 
 

@@ -170,6 +170,8 @@ def copy_range(
     """Copy ``nbytes`` from ``src_fd`` at ``start`` to ``dst_fd`` at ``dst_start`` (positional)."""
     done = 0
     try:
+        if not hasattr(os, "copy_file_range"):  # not Linux (macOS has no such call)
+            raise OSError("copy_file_range is not available")
         while done < nbytes:
             # A call that starts off a 64 KiB boundary of the destination is slow all along
             # (see _FOLIO): copy up to the boundary first, then whole chunks from it.

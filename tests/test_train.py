@@ -211,6 +211,7 @@ def test_two_workers_train_only_the_injected_layers(ray_local, tiny_injected_dir
     assert [m["step"] for m in metrics if m.get("val_loss") is not None] == [2, 4]
     prov = json.loads((out / "tli_train.json").read_text())
     assert [w["rank"] for w in prov["workers"]] == [0, 1]
+    assert [w["niceness"] for w in prov["workers"]] == [0, 0]  # Ray's default would be 15
     # Freeze: every original tensor is bitwise unchanged; every injected layer moved.
     new = read_plan(tiny_injected_dir).new_layers
     before, after = _weights(tiny_injected_dir), _weights(model_out)

@@ -272,7 +272,7 @@ def _trial_driver(config: dict[str, Any], shared: dict[str, Any]) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tli.plan import make_plan
-    from tli.train import train_loop_per_worker
+    from tli.train import WORKER_RUNTIME_ENV, train_loop_per_worker
 
     p = dict(config["point"])
     p.pop("name", None)
@@ -305,6 +305,7 @@ def _trial_driver(config: dict[str, Any], shared: dict[str, Any]) -> None:
             name=name,
             storage_path=str(storage),
             callbacks=[_report_callback(point.compute_ratio)],
+            worker_runtime_env=WORKER_RUNTIME_ENV,
         ),
     )
     try:

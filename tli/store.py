@@ -343,7 +343,10 @@ class Store:
         lock = tmp.with_name(tmp.name + ".lock")
         fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):
+                # A volume without locks (NFS mounted nolock): the stage runs all the same, and
+                # stale_temps leaves its folder alone, since it cannot tell it is dead.
+                fcntl.flock(fd, fcntl.LOCK_EX)
             tmp.mkdir()
             try:
                 yield tmp
@@ -375,8 +378,8 @@ class Store:
                 if fd is not None:
                     try:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue  # a running stage holds it
+                    except OSError:
+                        continue  # a running stage holds it (or locks do not work here)
                     finally:
                         os.close(fd)
                 size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())

@@ -292,7 +292,8 @@ def write_checkpoint(
 
     Args:
         out_dir: an existing, empty folder.
-        tensors: output tensors (grouped and ordered by :func:`plan_shards`).
+        tensors: the output tensors, in any order (:func:`plan_shards` groups and orders
+            them into shards).
         max_shard_bytes: shard size limit.
         metadata: the ``__metadata__`` of every shard (``format: pt`` is always set).
         progress: called with the number of bytes done, as they are done.

@@ -168,27 +168,12 @@ def main() -> None:
                 w, c, rss = measure(["cp", "-r", str(src), str(dst)])
                 shutil.rmtree(dst)
                 out = root / "tli-out"
-                w2, c2, rss2 = measure(
-                    [
-                        tli,
-                        "inject",
-                        "--model",
-                        str(src),
-                        "--out",
-                        str(out),
-                        "--interval",
-                        "4",
-                        "--shard-size",
-                        "1GB",
-                        "--quiet",
-                    ]
-                )
+                tli_cmd = [tli, "inject", "--model", str(src), "--out", str(out),
+                           "--interval", "4", "--shard-size", "1GB", "--quiet"]  # fmt: skip
+                w2, c2, rss2 = measure(tli_cmd)
                 out_bytes = sum(f.stat().st_size for f in out.iterdir())
                 shutil.rmtree(out)
-                w4, _, _ = measure(
-                    [tli, "inject", "--model", str(src), "--out", str(out), "--interval", "4",
-                     "--shard-size", "1GB", "--quiet", "--threads", "1"]
-                )  # fmt: skip
+                w4, _, _ = measure([*tli_cmd, "--threads", "1"])
                 shutil.rmtree(out)
                 if args.mergekit:
                     mk_out = root / "mk-out"

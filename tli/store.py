@@ -340,7 +340,7 @@ class Store:
         d = self.stage_dir(stage)
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        lock = tmp.with_name(tmp.name + ".lock")
+        lock = _lock_of(tmp)
         fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             with contextlib.suppress(OSError):
@@ -370,9 +370,8 @@ class Store:
             for tmp in sorted(sd.glob(".tmp-*")):
                 if not tmp.is_dir():
                     continue
-                lock = tmp.with_name(tmp.name + ".lock")
                 try:
-                    fd = os.open(lock, os.O_RDONLY)
+                    fd = os.open(_lock_of(tmp), os.O_RDONLY)
                 except FileNotFoundError:
                     fd = None  # the stage died before it could lock, or never locked
                 if fd is not None:
@@ -389,7 +388,7 @@ class Store:
     def remove_temp(self, tmp: Path) -> None:
         """Remove one folder listed by :meth:`stale_temps`, and its lock file."""
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.with_name(tmp.name + ".lock").unlink(missing_ok=True)
+        _lock_of(tmp).unlink(missing_ok=True)
 
     def run(
         self,
@@ -481,6 +480,11 @@ class Store:
                 return StageResult(stage, found.name, found, m["output_sha256"], "cached")
         log(f"{stage}: stored {name} ({target})")
         return StageResult(stage, name, target, content, "ran")
+
+
+def _lock_of(tmp: Path) -> Path:
+    """The lock file beside a temporary version folder (held while its stage runs)."""
+    return tmp.with_name(tmp.name + ".lock")
 
 
 def _rel(path: str, root: Path) -> str:

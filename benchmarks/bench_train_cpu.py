@@ -58,10 +58,10 @@ def small_base(work: Path, real: Path) -> Path:
 
 def prepare(work: Path, seq_len: int, model: str):
     """(injected model dir, corpus dir, train blocks) built once (cached by tli where it can)."""
+    from tli.base import import_base
     from tli.config import DataConfig, InjectConfig
-    from tli.data import load_blocks, run_data_build
-    from tli.inject import run_inject
-    from tli.models import import_base
+    from tli.data.corpus import load_blocks, run_data_build
+    from tli.inject.stage import run_inject
 
     base = import_base()
     interval = 5
@@ -77,8 +77,8 @@ def plain_loop(model_dir: Path, blocks, args) -> dict:
     """The reference: a minimal single-process PyTorch loop, no tli training code."""
     import torch
 
-    from tli.models import load_causal_lm
-    from tli.plan import read_plan
+    from tli.base import load_causal_lm
+    from tli.inject.plan import read_plan
 
     torch.set_num_threads(args.threads)
     t_call = time.time()
@@ -115,7 +115,7 @@ def plain_loop(model_dir: Path, blocks, args) -> dict:
 
 def tli_run(model_dir: Path, corpus: Path, out: Path, args, report_every: int) -> dict:
     from tli.config import TrainConfig
-    from tli.train import run_train
+    from tli.train.stage import run_train
 
     cfg = TrainConfig(
         steps=args.steps, workers=1, freeze="original", lr=1e-3, warmup=2,

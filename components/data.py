@@ -18,7 +18,7 @@ def build_data(
     result: Output[Artifact],
 ):
     """Build the corpus with the base model's tokenizer (stage ``data``)."""
-    from tli.runner import run_component
+    from tli.pipeline.runner import run_component
 
     result.metadata.update(
         run_component(

@@ -19,7 +19,7 @@ def evaluate(
     result: Output[Artifact],
 ):
     """Evaluate a model (base, injected or trained) (stage ``eval``)."""
-    from tli.runner import run_component
+    from tli.pipeline.runner import run_component
 
     result.metadata.update(
         run_component(

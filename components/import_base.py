@@ -17,7 +17,7 @@ def import_base(
     result: Output[Artifact],
 ):
     """Import the base model into the store (stage ``import-base``)."""
-    from tli.runner import run_component
+    from tli.pipeline.runner import run_component
 
     result.metadata.update(
         run_component(

@@ -19,7 +19,7 @@ def inject(
     result: Output[Artifact],
 ):
     """Write the upscaled model (stage ``inject``)."""
-    from tli.runner import run_component
+    from tli.pipeline.runner import run_component
 
     result.metadata.update(
         run_component(

@@ -24,7 +24,7 @@ def report(
     result: Output[Artifact],
 ):
     """Write the report of the run (stage ``report``)."""
-    from tli.runner import run_component
+    from tli.pipeline.runner import run_component
 
     inputs = {
         "base": base.path,

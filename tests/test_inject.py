@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from tests.conftest import randomize_, save_tiny
+from tli.base import load_causal_lm
 from tli.config import InjectConfig
-from tli.inject import inject_in_memory, run_inject
-from tli.models import load_causal_lm
-from tli.plan import make_plan, read_plan
-from tli.stio import INDEX_FILE
+from tli.inject.plan import make_plan, read_plan
+from tli.inject.stage import inject_in_memory, run_inject
+from tli.inject.stio import INDEX_FILE
 
 COMMON = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
@@ -89,7 +89,7 @@ def test_identity_injection_keeps_logits(family: str, tmp_path: Path):
 
 
 def _names(model_dir: Path) -> set[str]:
-    from tli.stio import read_checkpoint
+    from tli.inject.stio import read_checkpoint
 
     return set(read_checkpoint(model_dir))
 
@@ -233,7 +233,7 @@ def _source_of(out: Path, base: Path) -> dict[str, tuple]:
     """Each output tensor -> (its output ref, the input ref it was copied from, or None if zeroed)."""
     import re
 
-    from tli.stio import read_checkpoint
+    from tli.inject.stio import read_checkpoint
 
     a, b = read_checkpoint(base), read_checkpoint(out)
     layers = {s.index: s for s in read_plan(out).layers}
@@ -279,9 +279,9 @@ def test_real_smollm2_copies_aligned_and_zeros_are_holes(base_dir: Path, tmp_pat
 
 def test_parallel_shard_writers_write_identical_bytes(tmp_path: Path):
     """Shards are written by several threads at once; the bytes must not depend on it."""
-    from tli.arch import arch_for
-    from tli.inject import plan_tensors
-    from tli.stio import plan_shards, read_checkpoint, write_checkpoint
+    from tli.inject.arch import arch_for
+    from tli.inject.stage import plan_tensors
+    from tli.inject.stio import plan_shards, read_checkpoint, write_checkpoint
 
     src = build("qwen2", tmp_path / "base", max_shard_size="40KB")
     refs = read_checkpoint(src)

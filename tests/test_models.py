@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tli.base import bundled_gguf
 from tli.cli import main
-from tli.models import bundled_gguf
 
 
 def test_import_gguf_converts_bundled_smollm2(base_dir: Path, tmp_path: Path, capsys):

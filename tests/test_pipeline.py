@@ -19,9 +19,9 @@ import yaml
 
 from tli.cli import main
 from tli.config import RunConfig
-from tli.rayhead import free_port
-from tli.stages import STAGES
-from tli.store import MANIFEST, Store
+from tli.pipeline.head import free_port
+from tli.pipeline.stages import STAGES
+from tli.pipeline.store import MANIFEST, Store
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "pipelines" / "tli_pipeline.yaml"
@@ -73,7 +73,7 @@ def test_compiled_pipeline_has_kubernetes_settings(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("preset", ["default", "smoke"])
 def test_presets_are_valid_run_configs(preset: str) -> None:
-    from tli.commands.pipeline import resolve_config
+    from tli.cli.pipeline import resolve_config
 
     cfg = resolve_config(preset, None, None, [])
     assert isinstance(cfg, RunConfig)
@@ -148,7 +148,7 @@ def _statuses(text: str) -> dict[str, tuple[str, str]]:
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
     """A real local Ray head shared by the later runs (stopped by its own process)."""
-    from tli.rayhead import local_head
+    from tli.pipeline.head import local_head
 
     with local_head() as address:
         yield address
@@ -268,7 +268,7 @@ def test_rerun_of_data_and_train_gives_identical_output_hashes(smoke) -> None:
 
 
 def test_inject_and_train_take_the_search_winner(tmp_path: Path) -> None:
-    from tli.stages import STAGES, resolved_config
+    from tli.pipeline.stages import STAGES, resolved_config
 
     tune_out = tmp_path / "tune"
     tune_out.mkdir()

@@ -6,7 +6,7 @@ import pytest
 
 from tli.config import InjectConfig
 from tli.errors import TliError
-from tli.plan import Plan, make_plan, plan_dus, plan_stack, plan_tli
+from tli.inject.plan import Plan, make_plan, plan_dus, plan_stack, plan_tli
 
 
 def layout(plan: Plan) -> list[tuple[tuple[int, ...], str]]:

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from tli.errors import TliError
-from tli.store import MANIFEST, OUTPUT, InputRef, Store, hash_tree, sha256_file, version_key
+from tli.pipeline.store import (
+    MANIFEST,
+    OUTPUT,
+    InputRef,
+    Store,
+    hash_tree,
+    sha256_file,
+    version_key,
+)
 
 
 def _writer(content: dict[str, str], calls: list[int] | None = None):
@@ -147,7 +155,7 @@ def test_import_base_version_follows_content_not_path(tmp_path: Path, tiny_model
     """The same base folder at two paths (two machines, two clones) is one version."""
     import shutil
 
-    from tli.runner import prepare
+    from tli.pipeline.runner import prepare
 
     keys = []
     for name in ("a", "b/deeper"):
@@ -180,7 +188,7 @@ def test_killed_stage_leftover_is_listed_and_cleaned(tmp_path: Path, capsys) -> 
     root = tmp_path / "store"
     code = (
         "import os\n"
-        "from tli.store import Store\n"
+        "from tli.pipeline.store import Store\n"
         f"with Store({str(root)!r})._temp_version('train', 'abc') as tmp:\n"
         "    (tmp / 'output').mkdir()\n"
         "    (tmp / 'output' / 'w.bin').write_bytes(bytes(2_000_000))\n"

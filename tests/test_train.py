@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tests._ray import local_ray, two_node_cluster
 from tli.config import TrainConfig
-from tli.train import (
+from tli.train.stage import (
     StepRunner,
     batch_rows,
     flops_per_token,
@@ -72,9 +72,9 @@ def test_batch_rows_are_deterministic_disjoint_and_cover_an_epoch() -> None:
 
 
 def test_flops_per_token_is_6n_plus_attention_and_less_when_frozen(tiny_injected_dir) -> None:
-    from tli.models import load_causal_lm
-    from tli.plan import read_plan
-    from tli.train import apply_freeze
+    from tli.base import load_causal_lm
+    from tli.inject.plan import read_plan
+    from tli.train.stage import apply_freeze
 
     model = load_causal_lm(tiny_injected_dir)
     c = model.config
@@ -89,8 +89,8 @@ def test_flops_per_token_is_6n_plus_attention_and_less_when_frozen(tiny_injected
 
 
 def test_loss_falls_over_30_steps_on_a_repetitive_corpus(tiny_model_dir, corpus) -> None:
-    from tli.data import load_blocks
-    from tli.models import load_causal_lm
+    from tli.base import load_causal_lm
+    from tli.data.corpus import load_blocks
 
     blocks = load_blocks(corpus, tiny_model_dir, SEQ, "train")
     model = load_causal_lm(tiny_model_dir)
@@ -105,8 +105,8 @@ def test_loss_falls_over_30_steps_on_a_repetitive_corpus(tiny_model_dir, corpus)
 
 
 def test_optimizer_state_round_trips_through_safetensors(tiny_model_dir, corpus) -> None:
-    from tli.data import load_blocks
-    from tli.models import load_causal_lm
+    from tli.base import load_causal_lm
+    from tli.data.corpus import load_blocks
 
     blocks = load_blocks(corpus, tiny_model_dir, SEQ, "train")
     cfg = _cfg(steps=4, freeze="none")
@@ -192,7 +192,7 @@ def test_two_workers_train_only_the_injected_layers(ray_local, tiny_injected_dir
                                                     tmp_path):  # fmt: skip
     from transformers import AutoModelForCausalLM
 
-    from tli.plan import read_plan
+    from tli.inject.plan import read_plan
 
     cfg = _cfg(workers=2, steps=4, freeze="original", eval_every=2, checkpoint_every=2)
     out = run_train(tiny_injected_dir, tmp_path / "out", corpus, cfg, threads=1,
@@ -232,8 +232,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(
     recovers from by itself: the result equals an uninterrupted run in the plain loop."""
     from ray.train import TrainingFailedError
 
-    from tli.data import load_blocks
-    from tli.models import load_causal_lm
+    from tli.base import load_causal_lm
+    from tli.data.corpus import load_blocks
 
     cfg = _cfg(workers=1, steps=6, freeze="none", checkpoint_every=2, eval_every=3)
     # The uninterrupted reference: the plain in-process loop, same threads as the worker.
@@ -265,7 +265,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(
 
 def test_two_node_cluster_places_a_worker_on_each_node_fsdp(tiny_injected_dir, corpus, tmp_path):
     """Two raylets, one CPU each: a worker lands on each and FSDP2 trains across them."""
-    from tli.plan import read_plan
+    from tli.inject.plan import read_plan
 
     with two_node_cluster("train", cpus_per_node=1):
         import ray
@@ -293,9 +293,9 @@ def test_two_node_cluster_places_a_worker_on_each_node_fsdp(tiny_injected_dir, c
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_step_in_bf16_reports_mfu(tiny_injected_dir, corpus) -> None:
-    from tli.data import load_blocks
-    from tli.models import load_causal_lm
-    from tli.plan import read_plan
+    from tli.base import load_causal_lm
+    from tli.data.corpus import load_blocks
+    from tli.inject.plan import read_plan
 
     blocks = load_blocks(corpus, tiny_injected_dir, SEQ, "train")
     cfg = _cfg(steps=3, gpu=True, freeze="original")

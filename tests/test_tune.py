@@ -18,7 +18,7 @@ from ray import tune
 
 from tli.cli import main as tli_main
 from tli.config import RunConfig, load_run_config
-from tli.tune import SearchPoint, TuneInterrupted, run_tune, search_points
+from tli.tune.stage import SearchPoint, TuneInterrupted, run_tune, search_points
 
 SEQ = 32
 
@@ -26,7 +26,7 @@ SEQ = 32
 @pytest.fixture(scope="module")
 def ray_tune():
     """A local Ray for this module, with the dashboard ``tli tune`` needs (see tune_ray_session)."""
-    from tli.tune import tune_ray_session
+    from tli.tune.stage import tune_ray_session
 
     with tune_ray_session(None):
         yield
@@ -84,7 +84,7 @@ def test_grid_names_are_deterministic_and_budgets_follow_compute() -> None:
 
 
 def test_nonfinite_losses_rank_last_and_stop_the_trial() -> None:
-    from tli.tune import _stop_nonfinite, trial_metrics
+    from tli.tune.stage import _stop_nonfinite, trial_metrics
 
     ok = trial_metrics({"step": 4, "loss": 2.5, "val_loss": 2.4}, compute_ratio=1.5)
     assert ok == {"objective": 2.4, "compute": 6.0, "nonfinite": False}
@@ -175,7 +175,7 @@ def test_three_intervals_with_asha(ray_tune, tiny_model_dir, corpus, tmp_path, c
     cfg_json = json.loads((injected / "config.json").read_text())
     assert cfg_json["num_hidden_layers"] == int(rows[0]["layers_out"])
     from tli.cli import build_parser
-    from tli.cliflags import resolve_section
+    from tli.cli.flags import resolve_section
 
     args = build_parser().parse_args(["train", "--config", str(out / "best.yaml"), "--model",
                                       str(injected), "--out", "x", "--data", str(corpus)])  # fmt: skip

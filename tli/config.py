@@ -1,7 +1,7 @@
 """The one run configuration: a single pydantic model with a section per stage.
 
 YAML is its on-disk form. Unknown keys are errors everywhere. The CLI generates its flags from
-these fields (see :mod:`tli.cliflags`), so a default lives in exactly one place: here.
+these fields (see :mod:`tli.cli.flags`), so a default lives in exactly one place: here.
 
 Runtime options that do not change a result (device, threads, output paths, shard size, Ray
 address) are *not* part of this model; they are plain CLI flags of the command that needs them.
@@ -33,7 +33,7 @@ class BaseModelConfig(Section):
 
 
 class InjectConfig(Section):
-    """How layers are injected (see tli.plan for the exact meaning of each field)."""
+    """How layers are injected (see tli.inject.plan for the exact meaning of each field)."""
 
     method: Literal["tli", "dus", "stack"] = Field("tli", description="tli | dus | stack")
     interval: int = Field(5, ge=1, description="TLI: one new layer after every K layers")

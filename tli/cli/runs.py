@@ -1,0 +1,162 @@
+"""`tli runs list|show|clean`: what the stage store holds, a result's lineage, and leftovers."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from tli.config import RunConfig
+from tli.errors import TliError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from tli.cli import OneLineParser
+
+    p = sub.add_parser("runs", help="list stored stage versions and show a result's lineage")
+    ps = p.add_subparsers(
+        dest="action", metavar="ACTION", parser_class=OneLineParser, required=True
+    )
+    store_help = f"stage store folder (default: {RunConfig().pipeline.store})"
+    ls = ps.add_parser("list", help="every stored version, oldest first")
+    ls.add_argument("--store", default=RunConfig().pipeline.store, help=store_help)
+    ls.add_argument("--stage", help="only this stage")
+    ls.set_defaults(func=_list)
+    sh = ps.add_parser("show", help="one version: its parameters, files and lineage")
+    sh.add_argument("version", help="a version (a unique prefix is enough; or STAGE/VERSION)")
+    sh.add_argument("--store", default=RunConfig().pipeline.store, help=store_help)
+    sh.set_defaults(func=_show)
+    cl = ps.add_parser("clean", help="remove folders left by stages that were killed")
+    cl.add_argument("--store", default=RunConfig().pipeline.store, help=store_help)
+    cl.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
+    cl.set_defaults(func=_clean)
+
+
+def _open(path: str):
+    from tli.pipeline.store import Store
+
+    store = Store(path)
+    if not store.root.is_dir():
+        raise TliError(f"no store at {store.root}: run `tli pipeline run` or give --store")
+    return store
+
+
+def _inputs_text(m: dict[str, Any]) -> str:
+    parts = []
+    for name, i in m.get("inputs", {}).items():
+        if i.get("stage"):
+            parts.append(f"{name}={i['stage']}/{i['version']}")
+        else:
+            parts.append(f"{name}=<{Path(i['path']).name}>")
+    return " ".join(parts)
+
+
+def _list(args: argparse.Namespace) -> int:
+    store = _open(args.store)
+    rows = [m for m in store.manifests() if not args.stage or m["stage"] == args.stage]
+    if args.stage:
+        from tli.pipeline.stages import get_stage
+
+        get_stage(args.stage)
+    if not rows:
+        print(f"{store.root}: no stored versions")
+    else:
+        print(f"{'stage':<12} {'version':<20} {'finished':<26} {'seconds':>8}  inputs")
+    for m in rows:
+        print(
+            f"{m['stage']:<12} {m['version']:<20} {m.get('ended', ''):<26} "
+            f"{m.get('seconds', 0):>8.1f}  {_inputs_text(m)}"
+        )
+    stale = store.stale_temps()
+    if stale:
+        size = sum(n for _, n in stale) / 1e6
+        print(
+            f"{len(stale)} unfinished folder(s) from killed stages ({size:,.1f} MB): "
+            "`tli runs clean` removes them"
+        )
+    return 0
+
+
+def _clean(args: argparse.Namespace) -> int:
+    store = _open(args.store)
+    stale = store.stale_temps()
+    for tmp, size in stale:
+        if not args.dry_run:
+            store.remove_temp(tmp)
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {tmp.relative_to(store.root)} ({size / 1e6:,.1f} MB)")
+    total = sum(n for _, n in stale) / 1e6
+    print(
+        f"{len(stale)} unfinished folder(s), {total:,.1f} MB"
+        + (" (dry run)" if args.dry_run else "")
+    )
+    return 0
+
+
+def lineage(store: Any, m: dict[str, Any], indent: int = 0, seen: set | None = None) -> list[str]:
+    """The tree of versions that produced ``m``, one line per node."""
+    seen = set() if seen is None else seen
+    key = (m["stage"], m["version"])
+    pad = "  " * indent
+    lines = []
+    for name, i in m.get("inputs", {}).items():
+        if not i.get("stage"):
+            where = Path(i["path"]).name  # the full path is in the manifest
+            lines.append(f"{pad}{name}: external {where} (sha256 {i['sha256'][:12]})")
+            continue
+        node = (i["stage"], i["version"])
+        label = f"{pad}{name}: {i['stage']}/{i['version']}"
+        if node in seen:
+            lines.append(label + " (above)")
+            continue
+        seen.add(node)
+        try:
+            up = store.manifest(i["stage"], i["version"])
+        except OSError:
+            lines.append(label + " (missing from the store)")
+            continue
+        lines.append(label + f"  {_params_text(up)}")
+        lines += lineage(store, up, indent + 1, seen)
+    seen.add(key)
+    return lines
+
+
+def _params_text(m: dict[str, Any], width: int = 90) -> str:
+    flat = []
+    for section, fields in (m.get("params") or {}).items():
+        if isinstance(fields, dict):
+            flat += [f"{section}.{k}={v}" for k, v in fields.items() if v not in (None, [], {})]
+    text = " ".join(flat)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _show(args: argparse.Namespace) -> int:
+    import json
+
+    store = _open(args.store)
+    m = store.lookup(args.version)
+    out = store.stage_dir(m["stage"]) / m["version"]
+    print(f"{m['stage']}/{m['version']}  ({shown_path(out)})")
+    print(
+        f"  finished {m.get('ended')} after {m.get('seconds')} s on {m.get('host')}; "
+        f"seed {m.get('seed')}; output sha256 {m['output_sha256'][:16]}"
+    )
+    if m.get("rerun_of"):
+        print(f"  a rerun of {m['rerun_of']} that gave a different output")
+    print("  params: " + json.dumps(m.get("params"), sort_keys=True))
+    pk = m.get("packages") or {}
+    print("  packages: " + ", ".join(f"{k} {v}" for k, v in pk.items() if v))
+    files = m.get("files", [])
+    print(f"  files: {len(files)}, {sum(f['size'] for f in files) / 1e6:.1f} MB")
+    print("lineage:")
+    for line in lineage(store, m, 1) or ["  (no inputs)"]:
+        print(line)
+    return 0
+
+
+def shown_path(p: Path) -> str:
+    """``p`` relative to the working directory when it is under it (shorter, shareable)."""
+    try:
+        return str(Path(p).absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)

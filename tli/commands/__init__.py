@@ -1,1 +1,0 @@
-"""One module per `tli` sub-command; each has ``register(subparsers)``."""

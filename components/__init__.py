@@ -4,9 +4,10 @@ Every component is a lightweight Python component: KFP ships the function's sour
 sit inside the function and nothing is pip-installed at run time (``packages_to_install`` stays
 empty, ``install_kfp_package=False``): the project image (``infra/Dockerfile``) has tli and kfp,
 and the local runner uses the current environment. Each one calls
-:func:`tli.pipeline.runner.run_component`, which runs the stage through the stage store, as a Ray job on
-the head at ``ray_address`` (or in the component's own process when that is None), and writes a
-small JSON reference (stage, version, path, content hash) as the component's output artifact.
+:func:`tli.pipeline.runner.run_component`, which runs the stage through the stage store, as a
+Ray job on the head whose Jobs API is ``ray_jobs`` (or in the component's own process when that
+is None), and writes a small JSON reference (stage, version, path, content hash) as the
+component's output artifact.
 """
 
 # The image every step runs in. Compiling with `tli pipeline compile --image NAME` replaces it

@@ -11,8 +11,9 @@ from components import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def build_data(
     store: str,
-    ray_address: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
+    ray_jobs: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
     rerun: list,
+    runtime: str,
     data_config: str,
     base: Input[Artifact],
     result: Output[Artifact],
@@ -24,7 +25,8 @@ def build_data(
         run_component(
             "data",
             store=store,
-            ray_address=ray_address,
+            ray_jobs=ray_jobs,
+            runtime=runtime,
             sections={"data": data_config},
             inputs={"base": base.path},
             rerun=rerun,

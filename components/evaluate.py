@@ -11,8 +11,9 @@ from components import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(
     store: str,
-    ray_address: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
+    ray_jobs: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
     rerun: list,
+    runtime: str,
     eval_config: str,
     model: Input[Artifact],
     data: Input[Artifact],
@@ -25,7 +26,8 @@ def evaluate(
         run_component(
             "eval",
             store=store,
-            ray_address=ray_address,
+            ray_jobs=ray_jobs,
+            runtime=runtime,
             sections={"eval": eval_config},
             inputs={"model": model.path, "data": data.path},
             rerun=rerun,

@@ -11,8 +11,9 @@ from components import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def import_base(
     store: str,
-    ray_address: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
+    ray_jobs: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
     rerun: list,
+    runtime: str,
     base_config: str,
     result: Output[Artifact],
 ):
@@ -23,7 +24,8 @@ def import_base(
         run_component(
             "import-base",
             store=store,
-            ray_address=ray_address,
+            ray_jobs=ray_jobs,
+            runtime=runtime,
             sections={"base": base_config},
             inputs={},
             rerun=rerun,

@@ -11,8 +11,9 @@ from components import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def inject(
     store: str,
-    ray_address: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
+    ray_jobs: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
     rerun: list,
+    runtime: str,
     inject_config: str,
     base: Input[Artifact],
     tune: Input[Artifact],
@@ -25,7 +26,8 @@ def inject(
         run_component(
             "inject",
             store=store,
-            ray_address=ray_address,
+            ray_jobs=ray_jobs,
+            runtime=runtime,
             sections={"inject": inject_config},
             inputs={"base": base.path, "tune": tune.path},
             rerun=rerun,

@@ -11,8 +11,9 @@ from components import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def train(
     store: str,
-    ray_address: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
+    ray_jobs: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
     rerun: list,
+    runtime: str,
     train_config: str,
     tune_config: str,
     model: Input[Artifact],
@@ -27,7 +28,8 @@ def train(
         run_component(
             "train",
             store=store,
-            ray_address=ray_address,
+            ray_jobs=ray_jobs,
+            runtime=runtime,
             sections={"train": train_config, "tune": tune_config},
             inputs={"model": model.path, "data": data.path, "tune": tune.path},
             rerun=rerun,

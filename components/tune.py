@@ -11,8 +11,9 @@ from components import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def tune(
     store: str,
-    ray_address: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
+    ray_jobs: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
     rerun: list,
+    runtime: str,
     inject_config: str,
     train_config: str,
     tune_config: str,
@@ -27,7 +28,8 @@ def tune(
         run_component(
             "tune",
             store=store,
-            ray_address=ray_address,
+            ray_jobs=ray_jobs,
+            runtime=runtime,
             sections={"inject": inject_config, "train": train_config, "tune": tune_config},
             inputs={"base": base.path, "data": data.path},
             rerun=rerun,

@@ -1,16 +1,18 @@
 """The tli pipeline: import base -> data -> tune -> inject -> train -> eval x3 -> report.
 
 Wiring only. Every step is a component from :mod:`components` that runs its stage as a Ray job
-on the head at ``ray_address`` and versions its output in the stage store (``store``); the
-stage store, not KFP, decides what is cached, so KFP's own caching is off for every step.
+on the head whose Jobs API is ``ray_jobs`` and versions its output in the stage store
+(``store``); the stage store, not KFP, decides what is cached, so KFP's own caching is off for
+every step.
 
 Parameters: one JSON object per run config section (``{}`` = that section's defaults from
 :mod:`tli.config`; the store records the resolved values; JSON text rather than a KFP dict
 because a section may hold nulls, which KFP's local runner refuses in a dict), the store
-folder, the Ray head's job API address and the stages to recompute. For Kubernetes each step
-mounts the store's volume (``store_pvc`` at :data:`STORE_MOUNT`), gets the object-store
-credentials from a secret as environment variables, and asks for modest resources: the heavy
-work runs on the Ray cluster.
+folder, the Ray head's Jobs API address, the runtime options (JSON of
+:class:`tli.config.Runtime`: threads, shard size, ...; never in a version) and the stages to
+recompute. For Kubernetes each step mounts the store's volume (``store_pvc`` at
+:data:`STORE_MOUNT`), gets the object-store credentials from a secret as environment
+variables, and asks for modest resources: the heavy work runs on the Ray cluster.
 """
 
 # No `from __future__ import annotations`: KFP reads the annotations as types.
@@ -63,8 +65,9 @@ def _step(task: dsl.PipelineTask, name: str, store_pvc) -> dsl.PipelineTask:
 @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
 def tli_pipeline(
     store: str = DEFAULT_STORE,
-    ray_address: Optional[str] = None,  # noqa: UP045 (KFP reads typing annotations)
+    ray_jobs: Optional[str] = None,  # noqa: UP045 (KFP reads typing annotations)
     rerun: list = [],  # noqa: B006 (a KFP parameter default, never mutated)
+    runtime: str = "{}",
     store_pvc: str = DEFAULT_PVC,
     base_config: str = "{}",
     data_config: str = "{}",
@@ -74,7 +77,7 @@ def tli_pipeline(
     eval_config: str = "{}",
 ) -> dsl.Artifact:
     """Upscale a base model by layer injection, tune, train, evaluate and report."""
-    common = {"store": store, "ray_address": ray_address, "rerun": rerun}
+    common = {"store": store, "ray_jobs": ray_jobs, "rerun": rerun, "runtime": runtime}
     base = _step(import_base(base_config=base_config, **common), "import base", store_pvc)
     base_ref = base.outputs["result"]
     data = _step(build_data(data_config=data_config, base=base_ref, **common), "data", store_pvc)

@@ -16,7 +16,7 @@ def build_corpus(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) 
     """
     if "default" not in _CORPUS:
         from tli.config import DataConfig
-        from tli.data.corpus import run_data_build
+        from tli.data.stage import run_data_build
 
         out = tmp_path_factory.mktemp("corpus") / "corpus"
         _CORPUS["default"] = run_data_build(DataConfig(), out, tokenizer_dir)

@@ -77,11 +77,11 @@ def tiny_model_dir(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="session")
 def tiny_injected_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``tiny_model_dir`` injected with TLI K=2, identity: 6 layers, new layers 2 and 5."""
-    from tli.config import InjectConfig
+    from tli.config import InjectConfig, Runtime
     from tli.inject.stage import run_inject
 
     out = tmp_path_factory.mktemp("tiny_inj") / "model"
-    return run_inject(tiny_model_dir, out, InjectConfig(interval=2), progress=False)
+    return run_inject(tiny_model_dir, out, InjectConfig(interval=2), runtime=Runtime(progress=False))
 
 
 @pytest.fixture(scope="session")
@@ -97,3 +97,17 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@pytest.fixture
+def drill(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Arm a fault drill (:mod:`tli.drills`) for this test: ``drill("train.step=3:raise-once")``."""
+
+    def arm(spec: str | None) -> None:
+        if spec is None:
+            monkeypatch.delenv("TLI_DRILL", raising=False)
+            return
+        monkeypatch.setenv("TLI_DRILL", spec)
+        monkeypatch.setenv("TLI_DRILL_DIR", str(tmp_path / "drills"))
+
+    return arm

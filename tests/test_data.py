@@ -13,17 +13,9 @@ import pytest
 from tests._data import corpus_dir  # noqa: F401  (fixture)
 from tli.cli import main
 from tli.config import DataConfig
-from tli.data.corpus import (
-    SPLITS,
-    chunk_paragraphs,
-    clean_text,
-    load_blocks,
-    load_token_stream,
-    read_manifest,
-    run_data_build,
-    split_of,
-    token_byte_lengths,
-)
+from tli.data.blocks import load_blocks, load_token_stream, token_byte_lengths
+from tli.data.corpus import SPLITS, chunk_paragraphs, clean_text, split_of
+from tli.data.stage import read_manifest, run_data_build
 from tli.errors import TliError
 
 # --------------------------------------------------------------------------- pure helpers
@@ -169,8 +161,8 @@ def test_bits_per_byte_table_is_exact(base_dir: Path):
 def test_heldout_loss_matches_reference_and_batching(tiny_model_dir: Path, corpus_dir: Path):  # noqa: F811
     import torch
 
-    from tli.base import load_causal_lm
     from tli.eval.heldout import heldout_loss
+    from tli.modelfolder import load_causal_lm
 
     model = load_causal_lm(tiny_model_dir)
     blocks = load_blocks(corpus_dir, tiny_model_dir, 64, "heldout")[:6]
@@ -194,8 +186,8 @@ def test_heldout_loss_identity_injected_is_exact(
     tiny_injected_dir: Path,
     corpus_dir: Path,  # noqa: F811
 ):
-    from tli.base import load_causal_lm
     from tli.eval.heldout import heldout_loss
+    from tli.modelfolder import load_causal_lm
 
     blocks = load_blocks(corpus_dir, tiny_model_dir, 64, "heldout")[:4]
     for bf16 in (False, True):
@@ -221,7 +213,7 @@ def test_cli_build_from_user_files(tiny_model_dir: Path, tmp_path: Path, capsys)
     # exists -> one-line error, exit 2, nothing changed
     before = (out / "manifest.json").read_bytes()
     assert main(args + ["--extra", str(files[0])]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "exists: choose another --out" in capsys.readouterr().err
     assert (out / "manifest.json").read_bytes() == before
 
 

@@ -16,9 +16,13 @@ import pytest
 
 from tests._data import corpus_dir  # noqa: F401  (fixture)
 from tli.cli import main
-from tli.config import EvalConfig, InjectConfig
+from tli.config import EvalConfig, InjectConfig, Runtime
 from tli.errors import TliError
-from tli.eval.stage import offline_tasks, read_eval_dir, resolve_tasks, run_eval
+from tli.eval.catalog import offline_tasks, resolve_tasks
+from tli.eval.stage import run_eval
+from tli.eval.tables import read_eval_dir
+
+QUIET = Runtime(progress=False)
 
 REQUIRED = [
     "arc_easy",
@@ -149,7 +153,7 @@ def test_identity_injected_tiny_scores_exactly_like_base_and_compare(
     assert a["heldout"] == b["heldout"]
     # An existing comparison is not overwritten without --force.
     assert main(args) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already exists: pass --force" in capsys.readouterr().err
 
 
 def test_compare_existing_eval_folders(tiny_model_dir: Path, tmp_path: Path, capsys):
@@ -218,8 +222,8 @@ def smollm2_variants(base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     root = tmp_path_factory.mktemp("smol")
     return {
         "base": base_dir,
-        "identity": run_inject(base_dir, root / "identity", InjectConfig(), progress=False),
-        "copy": run_inject(base_dir, root / "copy", InjectConfig(init="copy"), progress=False),
+        "identity": run_inject(base_dir, root / "identity", InjectConfig(), runtime=QUIET),
+        "copy": run_inject(base_dir, root / "copy", InjectConfig(init="copy"), runtime=QUIET),
     }
 
 

@@ -542,7 +542,7 @@ def _base_doc(kind: str) -> dict[str, Any]:
 def test_compiled_pipeline_has_its_kubernetes_settings(compiled):
     spec, k8s = compiled["spec"], compiled["k8s"]
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert "ray_address" in params, "the Ray head's address must be a pipeline parameter"
+    assert "ray_jobs" in params, "the Ray head's Jobs API must be a pipeline parameter"
     pvc = _base_doc("PersistentVolumeClaim")["metadata"]["name"]
     assert params["store_pvc"]["defaultValue"] == pvc
     executors = spec["deploymentSpec"]["executors"]
@@ -564,7 +564,7 @@ def test_compiled_pipeline_has_its_kubernetes_settings(compiled):
             assert envs.get(var) == "tli-object-store", (name, envs)
 
 
-def test_pipeline_default_ray_address_is_the_clusters_head_service():
+def test_pipeline_default_ray_jobs_is_the_clusters_head_service():
     proc = _tli("pipeline", "submit", "--help")
     m = re.search(r"default:\s*http://([a-z0-9.-]+):(\d+)", " ".join(proc.stdout.split()))
     assert m, proc.stdout

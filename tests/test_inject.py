@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from tests.conftest import randomize_, save_tiny
-from tli.base import load_causal_lm
-from tli.config import InjectConfig
+from tli.config import InjectConfig, Runtime
+from tli.inject.memory import inject_in_memory
 from tli.inject.plan import make_plan, read_plan
-from tli.inject.stage import inject_in_memory, run_inject
+from tli.inject.stage import run_inject
 from tli.inject.stio import INDEX_FILE
+from tli.modelfolder import load_causal_lm
+
+QUIET = Runtime(progress=False)
 
 COMMON = dict(
     vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
@@ -67,7 +70,7 @@ IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 @pytest.mark.parametrize("family", list(_families()))
 def test_identity_injection_keeps_logits(family: str, tmp_path: Path):
     src = build(family, tmp_path / "base")
-    out = run_inject(src, tmp_path / "up", InjectConfig(interval=2), progress=False)
+    out = run_inject(src, tmp_path / "up", InjectConfig(interval=2), runtime=QUIET)
     base_cfg = json.loads((src / "config.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 9
@@ -98,7 +101,7 @@ def test_new_layers_are_copies_with_zeroed_output_projections(tmp_path: Path):
     from safetensors.torch import load_file
 
     src = build("llama-bias", tmp_path / "base")
-    out = run_inject(src, tmp_path / "up", InjectConfig(interval=3), progress=False)
+    out = run_inject(src, tmp_path / "up", InjectConfig(interval=3), runtime=QUIET)
     a, b = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
     # output layer 3 is new, copied from input layer 2; output 4 is input 3
     for sfx in (
@@ -126,12 +129,12 @@ def test_copy_interpolate_and_alpha(tmp_path: Path):
 
     src = build("llama", tmp_path / "base")
     a = load_file(src / "model.safetensors")
-    copy = run_inject(src, tmp_path / "copy", InjectConfig(interval=2, init="copy"), progress=False)
+    copy = run_inject(src, tmp_path / "copy", InjectConfig(interval=2, init="copy"), runtime=QUIET)
     interp = run_inject(
         src,
         tmp_path / "interp",
         InjectConfig(interval=2, init="interpolate", alpha=0.5),
-        progress=False,
+        runtime=QUIET,
     )
     c, i = load_file(copy / "model.safetensors"), load_file(interp / "model.safetensors")
     w = "mlp.down_proj.weight"
@@ -151,7 +154,7 @@ def test_copy_interpolate_and_alpha(tmp_path: Path):
 )
 def test_dus_and_stack_load_and_run(method, kw, layers, tmp_path: Path):
     src = build("qwen2", tmp_path / "base")
-    out = run_inject(src, tmp_path / "up", InjectConfig(method=method, **kw), progress=False)
+    out = run_inject(src, tmp_path / "up", InjectConfig(method=method, **kw), runtime=QUIET)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_hidden_layers"] == layers == len(cfg["layer_types"])
     assert logits(out, IDS).shape == (2, 12, 128)
@@ -161,7 +164,7 @@ def test_sharded_input_and_output(tmp_path: Path):
     src = build("llama", tmp_path / "base", max_shard_size="40KB")
     assert (src / INDEX_FILE).is_file(), "the test model should be sharded"
     out = run_inject(
-        src, tmp_path / "up", InjectConfig(interval=3), progress=False, max_shard_bytes=60_000
+        src, tmp_path / "up", InjectConfig(interval=3), runtime=Runtime(progress=False, shard_size=60_000)
     )
     index = json.loads((out / INDEX_FILE).read_text())
     shards = set(index["weight_map"].values())
@@ -183,8 +186,8 @@ def test_output_folder_contents_and_rerun_identical(tmp_path: Path, base_dir: Pa
         (src / f).write_bytes((base_dir / f).read_bytes())
     (src / "pytorch_model.bin").write_bytes(b"never read")  # ignored when safetensors exist
     (src / "modeling_evil.py").write_text("raise SystemExit")  # remote code is never carried
-    out1 = run_inject(src, tmp_path / "a", InjectConfig(), progress=False)
-    out2 = run_inject(src, tmp_path / "b", InjectConfig(), progress=False)
+    out1 = run_inject(src, tmp_path / "a", InjectConfig(), runtime=QUIET)
+    out2 = run_inject(src, tmp_path / "b", InjectConfig(), runtime=QUIET)
     files = sorted(p.name for p in out1.iterdir())
     assert files == sorted([
         "README.md", "chat_template.jinja", "config.json", "generation_config.json",
@@ -201,7 +204,7 @@ def test_output_folder_contents_and_rerun_identical(tmp_path: Path, base_dir: Pa
 def test_in_memory_injection_matches_streaming_and_cache(tmp_path: Path):
     src = build("gemma3", tmp_path / "base")
     cfg = InjectConfig(interval=2, init="interpolate", alpha=0.3)
-    out = run_inject(src, tmp_path / "up", cfg, progress=False)
+    out = run_inject(src, tmp_path / "up", cfg, runtime=QUIET)
     model = load_causal_lm(src).eval()
     plan = make_plan(6, cfg)
     model = inject_in_memory(model, plan)
@@ -221,7 +224,7 @@ def test_in_memory_injection_matches_streaming_and_cache(tmp_path: Path):
 def test_real_smollm2_30_to_36_logits_unchanged(base_dir: Path, tmp_path: Path):
     from transformers import AutoTokenizer
 
-    out = run_inject(base_dir, tmp_path / "smol36", InjectConfig(interval=5), progress=False)
+    out = run_inject(base_dir, tmp_path / "smol36", InjectConfig(interval=5), runtime=QUIET)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 36
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("The capital of France is Paris, and it is known for", return_tensors="pt").input_ids
@@ -253,7 +256,7 @@ def test_real_smollm2_copies_aligned_and_zeros_are_holes(base_dir: Path, tmp_pat
     """The writer's two speed levers, on the real model: page-aligned copies and zeros as holes."""
     import os
 
-    out = run_inject(base_dir, tmp_path / "smol36", InjectConfig(interval=5), progress=False)
+    out = run_inject(base_dir, tmp_path / "smol36", InjectConfig(interval=5), runtime=QUIET)
     pairs = _source_of(out, base_dir)
     copied = [(o, i) for o, i in pairs.values() if i is not None]
     aligned = sum(o.nbytes for o, i in copied if (o.start - i.start) % 4096 == 0)
@@ -280,8 +283,8 @@ def test_real_smollm2_copies_aligned_and_zeros_are_holes(base_dir: Path, tmp_pat
 def test_parallel_shard_writers_write_identical_bytes(tmp_path: Path):
     """Shards are written by several threads at once; the bytes must not depend on it."""
     from tli.inject.arch import arch_for
-    from tli.inject.stage import plan_tensors
     from tli.inject.stio import plan_shards, read_checkpoint, write_checkpoint
+    from tli.inject.surgery import plan_tensors
 
     src = build("qwen2", tmp_path / "base", max_shard_size="40KB")
     refs = read_checkpoint(src)
@@ -307,15 +310,15 @@ def test_without_kernel_copies_the_bytes_are_the_same(tmp_path: Path, monkeypatc
     import os
 
     src = build("phi3", tmp_path / "base", max_shard_size="40KB")
-    fast = run_inject(src, tmp_path / "fast", InjectConfig(interval=2), progress=False)
+    fast = run_inject(src, tmp_path / "fast", InjectConfig(interval=2), runtime=QUIET)
 
     def refuse(*args, **kwargs):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "copy_file_range", refuse)
-    slow = run_inject(src, tmp_path / "slow", InjectConfig(interval=2), progress=False)
+    slow = run_inject(src, tmp_path / "slow", InjectConfig(interval=2), runtime=QUIET)
     monkeypatch.delattr(os, "copy_file_range")  # as on macOS
-    mac = run_inject(src, tmp_path / "mac", InjectConfig(interval=2), progress=False)
+    mac = run_inject(src, tmp_path / "mac", InjectConfig(interval=2), runtime=QUIET)
     names = sorted(p.name for p in fast.iterdir())
     for other in (slow, mac):
         assert names == sorted(p.name for p in other.iterdir())

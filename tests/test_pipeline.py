@@ -19,7 +19,7 @@ import yaml
 
 from tli.cli import main
 from tli.config import RunConfig
-from tli.pipeline.head import free_port
+from tli.rayenv import free_port
 from tli.pipeline.stages import STAGES
 from tli.pipeline.store import MANIFEST, Store
 
@@ -45,7 +45,7 @@ def test_compiled_pipeline_matches_golden(tmp_path: Path) -> None:
 def test_compiled_pipeline_has_kubernetes_settings(tmp_path: Path) -> None:
     spec, platform = yaml.safe_load_all(GOLDEN.read_text())  # the pipeline, then kfp-kubernetes
     params = spec["root"]["inputDefinitions"]["parameters"]
-    for name in ("store", "ray_address", "rerun", "store_pvc", "base_config", "data_config",
+    for name in ("store", "ray_jobs", "rerun", "runtime", "store_pvc", "base_config", "data_config",
                  "inject_config", "tune_config", "train_config", "eval_config"):  # fmt: skip
         assert name in params, name
     executors = spec["deploymentSpec"]["executors"]
@@ -73,9 +73,9 @@ def test_compiled_pipeline_has_kubernetes_settings(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("preset", ["default", "smoke"])
 def test_presets_are_valid_run_configs(preset: str) -> None:
-    from tli.cli.pipeline import resolve_config
+    from tli.config import resolve
 
-    cfg = resolve_config(preset, None, None, [])
+    cfg = resolve(preset).config
     assert isinstance(cfg, RunConfig)
     assert len(cfg.tune.intervals) >= 2
 
@@ -88,11 +88,11 @@ def test_presets_are_valid_run_configs(preset: str) -> None:
     [
         (["pipeline", "run", "--preset", "huge"], "unknown preset"),
         (["pipeline", "run", "--rerun", "fit"], "unknown stage"),
-        (["pipeline", "run", "--set", "eval.limit"], "SECTION.FIELD=VALUE"),
-        (["pipeline", "run", "--set", "eval.nope=1"], "unknown key"),
-        (["pipeline", "run", "--ray-address", "http://127.0.0.1:{port}"], "cannot reach"),
+        (["pipeline", "run", "eval.limit=[1"], "not valid YAML"),
+        (["pipeline", "run", "eval.nope=1"], "unknown key"),
+        (["pipeline", "run", "--ray-jobs", "http://127.0.0.1:{port}"], "cannot reach"),
         (["pipeline", "submit", "--host", "http://127.0.0.1:{port}"], "Kubeflow Pipelines API"),
-        (["pipeline", "run", "--base", "{tmp}/no-model"], "not a folder"),
+        (["pipeline", "run", "--base", "{tmp}/no-model"], "does not exist"),
         (["runs", "show", "abc"], "no store"),
     ],
 )
@@ -160,7 +160,7 @@ def smoke(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, ray_he
     d = tmp_path_factory.mktemp("pipeline")
     store = d / "store"
     args = ["pipeline", "run", "--preset", "smoke", "--base", str(tiny_model_dir),
-            "--store", str(store), "--ray-address", ray_head]  # fmt: skip
+            "--store", str(store), "--ray-jobs", ray_head]  # fmt: skip
     rc, text = _run(args, d / "run1.log")
     assert rc == 0, text[-3000:]
     return {"store": store, "args": args, "text": text, "dir": d}
@@ -190,8 +190,8 @@ def test_smoke_run_writes_every_stage_with_manifest(smoke) -> None:
     assert f"report: {report / 'report.md'}" in smoke["text"]
     # Every stage ran as a Ray job on the head.
     assert len(re.findall(r"submitted as Ray job", smoke["text"])) == 9
-    # No temporary siblings are left behind.
-    assert not [p for p in store.root.glob("*/.tmp-*")]
+    # No partial folders are left behind.
+    assert not [p for p in store.root.glob("*/.*.partial*")]
 
 
 def test_runs_list_and_show_give_the_lineage(smoke, capsys: pytest.CaptureFixture[str]) -> None:
@@ -209,11 +209,11 @@ def test_runs_list_and_show_give_the_lineage(smoke, capsys: pytest.CaptureFixtur
 
 
 def test_second_identical_run_is_all_cached(smoke) -> None:
-    """Without --ray-address: it starts its own head, stops it, and reuses every stage."""
+    """Without --ray-jobs: it starts its own head, stops it, and reuses every stage."""
     store = Store(smoke["store"])
     before = store.versions()
     args = [a for a in smoke["args"]]
-    i = args.index("--ray-address")
+    i = args.index("--ray-jobs")
     del args[i : i + 2]
     rc, text = _run(args, smoke["dir"] / "run2.log")
     assert rc == 0, text[-3000:]
@@ -233,12 +233,12 @@ def test_second_identical_run_is_all_cached(smoke) -> None:
 
 
 def test_new_eval_limit_reruns_only_eval_and_report(smoke, ray_head: str) -> None:
-    """--set eval.limit=3 gives new eval and report versions only; --rerun inject recomputes
+    """eval.limit=3 gives new eval and report versions only; --rerun inject recomputes
     that stage with the same inputs and gets an identical output hash (no new version)."""
     store = Store(smoke["store"])
     first = _statuses(smoke["text"])
     before = store.versions()
-    args = [*smoke["args"], "--set", "eval.limit=3", "--rerun", "inject"]
+    args = [*smoke["args"], "eval.limit=3", "--rerun", "inject"]
     rc, text = _run(args, smoke["dir"] / "run3.log")
     assert rc == 0, text[-3000:]
     rows = _statuses(text)

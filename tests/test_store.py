@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tli.errors import TliError
+from tli.output import staged
 from tli.pipeline.store import (
     MANIFEST,
     OUTPUT,
@@ -23,7 +24,6 @@ def _writer(content: dict[str, str], calls: list[int] | None = None):
     def fn(out: Path) -> None:
         if calls is not None:
             calls.append(1)
-        out.mkdir()
         for name, text in content.items():
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).write_text(text)
@@ -37,12 +37,13 @@ def _entries(store: Store, stage: str) -> list[str]:
 
 
 def test_version_key_covers_stage_params_inputs() -> None:
-    k = version_key("eval", {"eval": {"limit": 5}}, {"model": "aa"})
-    assert k == version_key("eval", {"eval": {"limit": 5}}, {"model": "aa"})
+    k = version_key("eval", {"eval": {"limit": 5}}, {"model": "aa"}, "c0")
+    assert k == version_key("eval", {"eval": {"limit": 5}}, {"model": "aa"}, "c0")
     assert len(k) == 16
-    assert k != version_key("train", {"eval": {"limit": 5}}, {"model": "aa"})
-    assert k != version_key("eval", {"eval": {"limit": 6}}, {"model": "aa"})
-    assert k != version_key("eval", {"eval": {"limit": 5}}, {"model": "ab"})
+    assert k != version_key("train", {"eval": {"limit": 5}}, {"model": "aa"}, "c0")
+    assert k != version_key("eval", {"eval": {"limit": 6}}, {"model": "aa"}, "c0")
+    assert k != version_key("eval", {"eval": {"limit": 5}}, {"model": "ab"}, "c0")
+    assert k != version_key("eval", {"eval": {"limit": 5}}, {"model": "aa"}, "c1")  # new code
 
 
 def test_run_writes_manifest_then_reuses_it(tmp_path: Path) -> None:
@@ -52,7 +53,7 @@ def test_run_writes_manifest_then_reuses_it(tmp_path: Path) -> None:
     ref = InputRef(name="data", path=str(tmp_path), sha256="0" * 64, stage="data", version="v1")
     params = {"train": {"steps": 3}}
     r1 = store.run("train", params, [ref], _writer({"a.txt": "x", "sub/b.txt": "y"}, calls),
-                   seed=7, log=logs.append)  # fmt: skip
+                   seed=7, code="c0", log=logs.append)  # fmt: skip
     assert r1.status == "ran" and calls == [1]
     assert r1.path == store.root / "train" / r1.version
     m = json.loads((r1.path / MANIFEST).read_text())
@@ -64,12 +65,12 @@ def test_run_writes_manifest_then_reuses_it(tmp_path: Path) -> None:
     assert set(files) == {"a.txt", "sub/b.txt"}
     assert files["a.txt"]["sha256"] == sha256_file(r1.output / "a.txt")
     # The same stage, params and inputs: reused, the function is not called again.
-    r2 = store.run("train", params, [ref], _writer({"a.txt": "other"}, calls), log=logs.append)
+    r2 = store.run("train", params, [ref], _writer({"a.txt": "other"}, calls), code="c0", log=logs.append)
     assert r2.status == "cached" and r2.version == r1.version and calls == [1]
     assert any("cached" in x for x in logs)
     assert (r1.output / "a.txt").read_text() == "x"  # never rewritten
     # Another parameter: a new version beside the first.
-    r3 = store.run("train", {"train": {"steps": 4}}, [ref], _writer({"a.txt": "x"}), log=print)
+    r3 = store.run("train", {"train": {"steps": 4}}, [ref], _writer({"a.txt": "x"}), code="c0", log=print)
     assert r3.version != r1.version
     assert _entries(store, "train") == sorted([r1.version, r3.version])
 
@@ -78,29 +79,28 @@ def test_failed_stage_leaves_nothing(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
 
     def boom(out: Path) -> None:
-        out.mkdir()
         (out / "half.bin").write_bytes(b"\0" * 10)
         raise RuntimeError("stage crashed")
 
     with pytest.raises(RuntimeError, match="crashed"):
-        store.run("inject", {}, [], boom, log=print)
+        store.run("inject", {}, [], boom, code="c0", log=print)
     assert _entries(store, "inject") == []  # no version, no temporary sibling
     assert store.versions() == set()
 
 
 def test_rerun_identical_is_reproduced_different_is_new_run(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
-    r1 = store.run("data", {}, [], _writer({"t.jsonl": "1"}), log=print)
-    again = store.run("data", {}, [], _writer({"t.jsonl": "1"}), rerun=True, log=print)
+    r1 = store.run("data", {}, [], _writer({"t.jsonl": "1"}), code="c0", log=print)
+    again = store.run("data", {}, [], _writer({"t.jsonl": "1"}), rerun=True, code="c0", log=print)
     assert again.status == "reproduced" and again.version == r1.version
     assert _entries(store, "data") == [r1.version]
-    changed = store.run("data", {}, [], _writer({"t.jsonl": "2"}), rerun=True, log=print)
+    changed = store.run("data", {}, [], _writer({"t.jsonl": "2"}), rerun=True, code="c0", log=print)
     assert changed.status == "ran" and changed.version == f"{r1.version}-2"
     assert changed.sha256 != r1.sha256
     m = store.manifest("data", changed.version)
     assert m["rerun_of"] == r1.version and m["key"] == r1.version
     # From now on the latest run of that version is the one reused.
-    assert store.run("data", {}, [], _writer({}), log=print).version == changed.version
+    assert store.run("data", {}, [], _writer({}), code="c0", log=print).version == changed.version
     assert (store.root / "data" / r1.version / OUTPUT / "t.jsonl").read_text() == "1"
 
 
@@ -133,7 +133,7 @@ def test_external_input_hash_follows_content(tmp_path: Path) -> None:
 
 def test_lookup_by_prefix(tmp_path: Path) -> None:
     store = Store(tmp_path / "store")
-    r = store.run("eval", {"x": 1}, [], _writer({"r.json": "{}"}), log=print)
+    r = store.run("eval", {"x": 1}, [], _writer({"r.json": "{}"}), code="c0", log=print)
     assert store.lookup(r.version[:6])["version"] == r.version
     assert store.lookup(f"eval/{r.version}")["stage"] == "eval"
     with pytest.raises(TliError, match="no version"):
@@ -189,14 +189,15 @@ def test_killed_stage_leftover_is_listed_and_cleaned(tmp_path: Path, capsys) -> 
     code = (
         "import os\n"
         "from tli.pipeline.store import Store\n"
-        f"with Store({str(root)!r})._temp_version('train', 'abc') as tmp:\n"
-        "    (tmp / 'output').mkdir()\n"
-        "    (tmp / 'output' / 'w.bin').write_bytes(bytes(2_000_000))\n"
+        "def work(out):\n"
+        "    (out / 'w.bin').write_bytes(bytes(2_000_000))\n"
         "    os.kill(os.getpid(), 9)\n"
+        f"Store({str(root)!r}).run('train', {{}}, [], work, code='c0')\n"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == -9
     store = Store(root)
-    with store._temp_version("eval", "def") as live:  # a stage running right now
+    with staged(root / "eval" / "def", exists_ok=True) as live_st:  # a stage running now
+        live = live_st.path
         stale = store.stale_temps()
         assert [p.parent.name for p, _ in stale] == ["train"] and stale[0][1] == 2_000_000
         assert main(["runs", "list", "--store", str(root)]) == 0
@@ -204,7 +205,7 @@ def test_killed_stage_leftover_is_listed_and_cleaned(tmp_path: Path, capsys) -> 
         assert main(["runs", "clean", "--store", str(root), "--dry-run"]) == 0
         assert stale[0][0].is_dir()
         assert main(["runs", "clean", "--store", str(root)]) == 0
-        assert "removed train/.tmp-abc-" in capsys.readouterr().out
+        assert "removed train/." in capsys.readouterr().out
         assert live.is_dir() and store.stale_temps() == []
     assert sorted(p.name for p in (root / "train").iterdir()) == []
-    assert sorted(p.name for p in (root / "eval").iterdir()) == []
+    assert sorted(p.name for p in (root / "eval").iterdir()) == ["def"]  # the live one finished

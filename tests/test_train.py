@@ -15,15 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests._ray import local_ray, two_node_cluster
-from tli.config import TrainConfig
-from tli.train.stage import (
-    StepRunner,
-    batch_rows,
-    flops_per_token,
-    lr_multiplier,
-    run_train,
-    train_in_memory,
-)
+from tli.config import Runtime, TrainConfig
+from tli.output import partial_of
+from tli.train.stage import run_train
+from tli.train.step import StepRunner, batch_rows, flops_per_token, lr_multiplier, train_in_memory
 
 SEQ = 32  # tokens per block in these tests
 
@@ -72,9 +67,9 @@ def test_batch_rows_are_deterministic_disjoint_and_cover_an_epoch() -> None:
 
 
 def test_flops_per_token_is_6n_plus_attention_and_less_when_frozen(tiny_injected_dir) -> None:
-    from tli.base import load_causal_lm
     from tli.inject.plan import read_plan
-    from tli.train.stage import apply_freeze
+    from tli.modelfolder import load_causal_lm
+    from tli.train.step import apply_freeze
 
     model = load_causal_lm(tiny_injected_dir)
     c = model.config
@@ -89,8 +84,8 @@ def test_flops_per_token_is_6n_plus_attention_and_less_when_frozen(tiny_injected
 
 
 def test_loss_falls_over_30_steps_on_a_repetitive_corpus(tiny_model_dir, corpus) -> None:
-    from tli.base import load_causal_lm
-    from tli.data.corpus import load_blocks
+    from tli.data.blocks import load_blocks
+    from tli.modelfolder import load_causal_lm
 
     blocks = load_blocks(corpus, tiny_model_dir, SEQ, "train")
     model = load_causal_lm(tiny_model_dir)
@@ -105,8 +100,8 @@ def test_loss_falls_over_30_steps_on_a_repetitive_corpus(tiny_model_dir, corpus)
 
 
 def test_optimizer_state_round_trips_through_safetensors(tiny_model_dir, corpus) -> None:
-    from tli.base import load_causal_lm
-    from tli.data.corpus import load_blocks
+    from tli.data.blocks import load_blocks
+    from tli.modelfolder import load_causal_lm
 
     blocks = load_blocks(corpus, tiny_model_dir, SEQ, "train")
     cfg = _cfg(steps=4, freeze="none")
@@ -161,7 +156,7 @@ def test_bad_input_is_one_line_exit_2_before_ray_starts(
     assert rc == 2
     _one_line_error(capsys, needle)
     assert not ray.is_initialized()
-    assert not out.exists() and not out.with_name("out.partial").exists()
+    assert not out.exists() and not partial_of(out).exists()
 
 
 def test_freeze_original_without_plan_is_a_clear_error(tiny_model_dir, corpus, tmp_path, capsys):
@@ -177,8 +172,8 @@ def test_existing_output_and_interrupted_run_are_refused(tiny_injected_dir, corp
     (tmp_path / "done").mkdir()
     assert _cli(*args, "--out", str(tmp_path / "done")) == 2
     _one_line_error(capsys, "exists")
-    (tmp_path / "run.partial" / "ray" / "step_000002").mkdir(parents=True)
-    (tmp_path / "run.partial" / "ray" / "step_000002" / "trainer_state.json").write_text("{}")
+    (tmp_path / ".run.partial" / "ray" / "step_000002").mkdir(parents=True)
+    (tmp_path / ".run.partial" / "ray" / "step_000002" / "trainer_state.json").write_text("{}")
     assert _cli(*args, "--out", str(tmp_path / "run")) == 2
     _one_line_error(capsys, "--resume")
     assert _cli(*args, "--out", str(tmp_path / "x"), "--data", str(tmp_path / "nope.txt")) == 2
@@ -195,14 +190,14 @@ def test_two_workers_train_only_the_injected_layers(ray_local, tiny_injected_dir
     from tli.inject.plan import read_plan
 
     cfg = _cfg(workers=2, steps=4, freeze="original", eval_every=2, checkpoint_every=2)
-    out = run_train(tiny_injected_dir, tmp_path / "out", corpus, cfg, threads=1,
-                    report_every=1)  # fmt: skip
+    out = run_train(tiny_injected_dir, tmp_path / "out", corpus, cfg,
+                    runtime=Runtime(threads=1, report_every=1))  # fmt: skip
     model_out = out / "model"
     # An HF folder that loads, with tokenizer, plan and provenance carried along.
     AutoModelForCausalLM.from_pretrained(model_out)
     for f in ("tokenizer.json", "tli_plan.json", "tli_provenance.json", "tli_train.json"):
         assert (model_out / f).is_file(), f
-    assert not out.with_name("out.partial").exists() and not (out / "ray").exists()
+    assert not partial_of(out).exists() and not (out / "ray").exists()
     metrics = _metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     for key in ("loss", "lr", "tokens", "tokens_per_s", "elapsed", "grad_norm"):
@@ -226,14 +221,14 @@ def test_two_workers_train_only_the_injected_layers(ray_local, tiny_injected_dir
 
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(
-    ray_local, tiny_injected_dir, corpus, tmp_path
+    ray_local, tiny_injected_dir, corpus, tmp_path, drill
 ) -> None:
     """Crash at step 3 (no retries), --resume, then a worker failure at step 5 that Ray Train
     recovers from by itself: the result equals an uninterrupted run in the plain loop."""
     from ray.train import TrainingFailedError
 
-    from tli.base import load_causal_lm
-    from tli.data.corpus import load_blocks
+    from tli.data.blocks import load_blocks
+    from tli.modelfolder import load_causal_lm
 
     cfg = _cfg(workers=1, steps=6, freeze="none", checkpoint_every=2, eval_every=3)
     # The uninterrupted reference: the plain in-process loop, same threads as the worker.
@@ -247,13 +242,15 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(
         torch.set_num_threads(threads)
 
     out = tmp_path / "out"
-    kw = dict(threads=1, report_every=1)
+    drill("train.step=3:raise-once")
     with pytest.raises(TrainingFailedError):
-        run_train(tiny_injected_dir, out, corpus, cfg, max_failures=0, fail_at_step=3, **kw)
-    partial = out.with_name("out.partial")
+        run_train(tiny_injected_dir, out, corpus, cfg,
+                  runtime=Runtime(threads=1, report_every=1, max_failures=0))  # fmt: skip
+    partial = partial_of(out)
     assert not out.exists() and (partial / "ray" / "step_000002").is_dir()
-    run_train(tiny_injected_dir, out, corpus, cfg, resume=True, max_failures=1,
-              fail_at_step=5, **kw)  # fmt: skip
+    drill("train.step=5:raise-once")  # a worker failure Ray Train recovers from by itself
+    run_train(tiny_injected_dir, out, corpus, cfg, resume=True,
+              runtime=Runtime(threads=1, report_every=1, max_failures=1))  # fmt: skip
     metrics = _metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert [m["loss"] for m in metrics] == [m["loss"] for m in ref_hist]
@@ -272,8 +269,8 @@ def test_two_node_cluster_places_a_worker_on_each_node_fsdp(tiny_injected_dir, c
 
         assert len([n for n in ray.nodes() if n["Alive"]]) == 2
         cfg = _cfg(workers=2, steps=3, freeze="original", fsdp=True)
-        out = run_train(tiny_injected_dir, tmp_path / "out", corpus, cfg, cpus_per_worker=1,
-                        threads=1)  # fmt: skip
+        out = run_train(tiny_injected_dir, tmp_path / "out", corpus, cfg,
+                        runtime=Runtime(cpus_per_worker=1, threads=1))  # fmt: skip
     prov = json.loads((out / "tli_train.json").read_text())
     assert len({w["node_id"] for w in prov["workers"]}) == 2, prov["workers"]
     metrics = _metrics(out)
@@ -293,9 +290,9 @@ def test_two_node_cluster_places_a_worker_on_each_node_fsdp(tiny_injected_dir, c
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_step_in_bf16_reports_mfu(tiny_injected_dir, corpus) -> None:
-    from tli.base import load_causal_lm
-    from tli.data.corpus import load_blocks
+    from tli.data.blocks import load_blocks
     from tli.inject.plan import read_plan
+    from tli.modelfolder import load_causal_lm
 
     blocks = load_blocks(corpus, tiny_injected_dir, SEQ, "train")
     cfg = _cfg(steps=3, gpu=True, freeze="original")
@@ -307,17 +304,18 @@ def test_gpu_step_in_bf16_reports_mfu(tiny_injected_dir, corpus) -> None:
 
 @pytest.mark.slow
 def test_fsdp_two_workers_resume_equals_uninterrupted(ray_local, tiny_injected_dir, corpus,
-                                                      tmp_path):  # fmt: skip
+                                                      tmp_path, drill):  # fmt: skip
     """FSDP2 optimizer state and RNG restore per worker: interrupted + resumed == straight."""
     from ray.train import TrainingFailedError
 
     cfg = _cfg(workers=2, steps=4, fsdp=True, freeze="none", checkpoint_every=2)
-    kw = dict(threads=1, report_every=1, cpus_per_worker=1)
-    straight = run_train(tiny_injected_dir, tmp_path / "a", corpus, cfg, **kw)
+    rt = Runtime(threads=1, report_every=1, cpus_per_worker=1)
+    straight = run_train(tiny_injected_dir, tmp_path / "a", corpus, cfg, runtime=rt)
+    drill("train.step=3:raise-once")
     with pytest.raises(TrainingFailedError):
-        run_train(tiny_injected_dir, tmp_path / "b", corpus, cfg, max_failures=0,
-                  fail_at_step=3, **kw)  # fmt: skip
-    resumed = run_train(tiny_injected_dir, tmp_path / "b", corpus, cfg, resume=True, **kw)
+        run_train(tiny_injected_dir, tmp_path / "b", corpus, cfg,
+                  runtime=rt.model_copy(update={"max_failures": 0}))  # fmt: skip
+    resumed = run_train(tiny_injected_dir, tmp_path / "b", corpus, cfg, resume=True, runtime=rt)
     assert [m["loss"] for m in _metrics(straight)] == [m["loss"] for m in _metrics(resumed)]
     a, b = _weights(straight / "model"), _weights(resumed / "model")
     assert a.keys() == b.keys()

@@ -18,17 +18,19 @@ from ray import tune
 
 from tli.cli import main as tli_main
 from tli.config import RunConfig, load_run_config
-from tli.tune.stage import SearchPoint, TuneInterrupted, run_tune, search_points
+from tli.output import partial_of
+from tli.tune.space import SearchPoint, search_points
+from tli.tune.stage import TuneInterrupted, run_tune
 
 SEQ = 32
 
 
 @pytest.fixture(scope="module")
 def ray_tune():
-    """A local Ray for this module, with the dashboard ``tli tune`` needs (see tune_ray_session)."""
-    from tli.tune.stage import tune_ray_session
+    """A local Ray for this module, started the way ``tli tune`` starts it (with its dashboard)."""
+    from tli.rayenv import session
 
-    with tune_ray_session(None):
+    with session(None):
         yield
 
 
@@ -84,7 +86,8 @@ def test_grid_names_are_deterministic_and_budgets_follow_compute() -> None:
 
 
 def test_nonfinite_losses_rank_last_and_stop_the_trial() -> None:
-    from tli.tune.stage import _stop_nonfinite, trial_metrics
+    from tli.tune.trial import stop_nonfinite as _stop_nonfinite
+    from tli.tune.trial import trial_metrics
 
     ok = trial_metrics({"step": 4, "loss": 2.5, "val_loss": 2.4}, compute_ratio=1.5)
     assert ok == {"objective": 2.4, "compute": 6.0, "nonfinite": False}
@@ -126,7 +129,7 @@ def test_bad_input_is_one_line_exit_2_before_ray_starts(
     assert rc == 2, err
     assert needle in err
     assert len(err.splitlines()) == 1, err
-    assert not out.exists() and not out.with_name("out.partial").exists()
+    assert not out.exists() and not partial_of(out).exists()
     assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
 
 
@@ -175,11 +178,11 @@ def test_three_intervals_with_asha(ray_tune, tiny_model_dir, corpus, tmp_path, c
     cfg_json = json.loads((injected / "config.json").read_text())
     assert cfg_json["num_hidden_layers"] == int(rows[0]["layers_out"])
     from tli.cli import build_parser
-    from tli.cli.flags import resolve_section
+    from tli.cli.flags import resolve_args
 
     args = build_parser().parse_args(["train", "--config", str(out / "best.yaml"), "--model",
                                       str(injected), "--out", "x", "--data", str(corpus)])  # fmt: skip
-    assert resolve_section(args, "train") == best.train
+    assert resolve_args(args).config.train == best.train
     # The summary table, best first.
     printed = capsys.readouterr().out
     assert printed.index(rows[0]["trial"]) < printed.index(rows[-1]["trial"])
@@ -219,7 +222,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(
     ray_tune, tiny_model_dir, corpus, tmp_path, capsys
 ) -> None:
     out = tmp_path / "tune"
-    partial = tmp_path / "tune.partial"
+    partial = partial_of(out)
     first = partial / "ray" / "K2-identity-lr0.003" / "result.json"
     cfg = _cfg(intervals=[2, 4], concurrency=1, asha=False)
     with pytest.raises(TuneInterrupted, match="tli tune --resume"):

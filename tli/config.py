@@ -235,3 +235,177 @@ def dump_yaml(cfg: BaseModel) -> str:
     import yaml
 
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- runtime
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '512MB', '1000000' -> bytes (KB/MB/GB/TB are powers of 1024)."""
+    import re
+
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"{text!r} is not a size like 5GB or 500MB")
+    unit = (m.group(2) or "").upper().replace("I", "").rstrip("B")
+    mult = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+class Runtime(Section):
+    """How this run executes: never part of a stage's version (the results do not depend on it).
+
+    Each command exposes the fields it uses as flags (``--shard-size`` for ``shard_size``).
+    """
+
+    store: str = Field("runs", description="stage store folder")
+    ray_address: str | None = Field(
+        None,
+        description="Ray cluster to join (host:port, ray://..., auto); default: $RAY_ADDRESS, "
+        "else a private local Ray",
+    )
+    ray_jobs: str | None = Field(
+        None,
+        description="Ray Jobs API of a running head (http://host:8265) that runs the pipeline's "
+        "stages; default: a local head started for the run",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per worker; default: its CPUs"
+    )
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs each Train worker reserves; default: an even share"
+    )
+    writers: int | None = Field(
+        None, ge=1, description="output shards written at once; default: one per CPU, at most 4"
+    )
+    shard_size: int = Field(
+        5 * 1024**3, ge=1, description="max output shard size in bytes (5GB, 500MB, ...)"
+    )
+    device: str | None = Field(None, description="cpu or cuda; default: cuda when there is a GPU")
+    report_every: int = Field(10, ge=1, description="steps between metric reports to Ray Train")
+    max_failures: int = Field(
+        1, ge=0, description="worker failures Ray Train recovers from (from the last checkpoint)"
+    )
+    keep_checkpoints: bool = Field(False, description="keep Ray Train's checkpoints in the output")
+    compile: bool = Field(False, description="torch.compile the model in each worker (GPUs)")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="peak bf16 TFLOP/s of one device, for MFU; default: known GPUs"
+    )
+    progress: bool = Field(True, description="show progress bars")
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        return parse_size(v)
+
+
+# ---------------------------------------------------------------------------- resolve
+
+PRESETS = ("default", "smoke")
+
+
+def preset_data(name: str) -> dict[str, Any]:
+    """The YAML of an embedded preset as a dict (not yet validated)."""
+    from importlib import resources
+
+    import yaml
+
+    if name not in PRESETS:
+        raise TliError(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}")
+    text = resources.files("tli.presets").joinpath(f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def parse_override(item: str) -> tuple[tuple[str, ...], Any]:
+    """``section.field=value`` (YAML value; nested fields with more dots) -> (key path, value)."""
+    import yaml
+
+    key, eq, value = item.partition("=")
+    path = tuple(key.strip().split("."))
+    if not eq or len(path) < 2 or not all(path):
+        raise TliError(f"override {item!r}: write SECTION.FIELD=VALUE, e.g. eval.limit=20")
+    try:
+        return path, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise TliError(f"override {item!r}: the value is not valid YAML") from None
+
+
+def _lay(
+    data: dict[str, Any], layer: dict[str, Any], origin: str, sources: dict[str, str], at=()
+) -> None:
+    """Lay ``layer`` over ``data`` (mappings merge key by key), noting each leaf's origin."""
+    for k, v in layer.items():
+        here = (*at, str(k))
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            _lay(data[k], v, origin, sources, here)
+        else:
+            data[k] = v
+            _note(here, v, origin, sources)
+
+
+def _note(at: tuple[str, ...], v: Any, origin: str, sources: dict[str, str]) -> None:
+    if isinstance(v, dict) and v:
+        for k, x in v.items():
+            _note((*at, str(k)), x, origin, sources)
+    else:
+        for key in [s for s in sources if s == ".".join(at) or s.startswith(".".join(at) + ".")]:
+            del sources[key]
+        sources[".".join(at)] = origin
+
+
+class Resolved(BaseModel):
+    """A resolved run config and, for every value not at its default, where it came from."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    config: RunConfig
+    sources: dict[str, str]
+
+    def origin(self, key: str) -> str:
+        """Where ``key`` (``section.field``) came from: a layer's name, or ``default``."""
+        while key:
+            if key in self.sources:
+                return self.sources[key]
+            key = key.rpartition(".")[0]
+        return "default"
+
+
+def resolve(
+    preset: str | None = None,
+    files: list[str | Path] = (),  # type: ignore[assignment]
+    overrides: list[str] | list[tuple[tuple[str, ...], Any, str]] = (),  # type: ignore[assignment]
+) -> Resolved:
+    """The run config: an embedded preset, then YAML files, then overrides, validated once.
+
+    Args:
+        preset: an embedded preset's name (``default``, ``smoke``) or None.
+        files: run-config YAML files, laid over the preset in order; each is first validated
+            alone, so an error names its file.
+        overrides: ``section.field=value`` strings, or ``(key path, value, origin)`` triples
+            (what the CLI's typed flags become), laid over everything else in order.
+    """
+    data: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if preset:
+        _lay(data, preset_data(preset), f"preset {preset}", sources)
+    for f in files:
+        layer = read_yaml(f)
+        validate(RunConfig, layer, str(f))
+        _lay(data, layer, str(f), sources)
+    names = []
+    for item in overrides:
+        path, value, origin = (*parse_override(item), item) if isinstance(item, str) else item
+        nested: dict[str, Any] = {}
+        cur = nested
+        for k in path[:-1]:
+            cur = cur.setdefault(k, {})
+        cur[path[-1]] = value
+        _lay(data, nested, origin, sources)
+        names.append(origin)
+    where = " + ".join(
+        [x for x in (f"preset {preset}" if preset else "", *map(str, files)) if x]
+        + (["overrides"] if names else [])
+    )
+    cfg = validate(RunConfig, data, where or "defaults")
+    return Resolved(config=cfg, sources=sources)  # type: ignore[arg-type]

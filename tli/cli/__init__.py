@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+from typing import Any
 
 from tli import __version__
 from tli.errors import TliError
@@ -19,6 +21,7 @@ from tli.errors import TliError
 # Order here is the order in `tli --help`.
 COMMAND_MODULES = [
     "demo",
+    "config",
     "import_base",
     "inject",
     "check",
@@ -67,20 +70,35 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: staged outputs remove their partial
+    # folders (or keep a resumable one) and local Ray heads are stopped.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     # Nothing in tli may reach a model or dataset hub at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Ray 2.60 heads use token auth; Ray reads the mode once per process, so fix it before any
-    # stage imports ray (the token is generated in ~/.ray/auth_token when missing).
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Ray reads its auth mode once per process: fix it (and make sure a token exists) before
+    # any stage imports ray.
+    from tli.rayenv import ensure_auth
+
+    ensure_auth()
     argv = sys.argv[1:] if argv is None else argv
+    from tli.cli.flags import split_overrides
+
+    argv, overrides = split_overrides(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if overrides and not hasattr(args, "overrides"):
+        parser.error(f"`tli {args.command}` takes no SECTION.FIELD=VALUE overrides")
+    args.overrides = overrides if hasattr(args, "overrides") else []
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except TliError as e:
@@ -89,4 +107,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("tli: interrupted\n")
         return 130
-
+    finally:
+        signal.signal(signal.SIGTERM, previous)

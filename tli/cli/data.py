@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from tli.cli.flags import add_section_flags
+from tli.cli.flags import add_config_args, add_section_flags
+from tli.cli.jobs import add_dry_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tokenizer",
         help="model folder whose tokenizer counts the tokens (default: the bundled SmolLM2)",
     )
-    b.add_argument("--config", help="run-config YAML; its data section is used, flags override")
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_dry_run(b)
+    add_config_args(b)
     add_section_flags(b, "data")
     b.set_defaults(func=build_handler)
     p.set_defaults(func=lambda args: _no_sub(p))
@@ -45,22 +47,23 @@ def _no_sub(p: argparse.ArgumentParser) -> int:
 def build_handler(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tli.cli.flags import resolve_section
-    from tli.data.corpus import run_data_build
+    from tli.cli.flags import resolve_args
+    from tli.cli.jobs import print_job
+    from tli.config import Runtime
+    from tli.data.stage import prepare, run_data_build
 
-    cfg = resolve_section(args, "data")
-    out = run_data_build(
-        cfg,  # type: ignore[arg-type]
-        Path(args.out),
-        Path(args.tokenizer) if args.tokenizer else None,
-        force=args.force,
-    )
+    cfg = resolve_args(args).config.data
+    tokenizer = Path(args.tokenizer) if args.tokenizer else None
+    if args.dry_run:
+        print_job(prepare(cfg, {"base": tokenizer} if tokenizer else {}, Runtime()))
+        return 0
+    out = run_data_build(cfg, Path(args.out), tokenizer, force=args.force)
     _print_summary(out)
     return 0
 
 
 def _print_summary(out) -> None:
-    from tli.data.corpus import read_manifest
+    from tli.data.stage import read_manifest
 
     m = read_manifest(out)
     print(f"corpus written to {out}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from tli.cli.flags import add_section_flags
+from tli.cli.flags import add_config_args, add_runtime_flags, add_section_flags
+from tli.cli.jobs import add_dry_run
+from tli.config import EvalConfig
 
 
 def _limit(text: str) -> int | None:
@@ -38,58 +40,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list-tasks", action="store_true", help="list the offline tasks and exit")
     p.add_argument("--compare", nargs="+", metavar="DIR", help="evaluation folders or model "
                    "folders (evaluated first): one table, a column per folder")  # fmt: skip
-    p.add_argument("--device", help="cpu or cuda (default: cuda when there is a GPU)")
-    p.add_argument("--config", help="run-config YAML; its eval section is used, flags override")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_dry_run(p)
+    add_config_args(p)
+    add_runtime_flags(p, ["device"])
     add_section_flags(p, "eval", exclude=("limit",))
     # int | None cannot be spelled on a command line by the generated flag: 'all' means None.
+    limit = EvalConfig.model_fields["limit"]
     p.add_argument("--limit", dest="eval__limit", type=_limit, default=argparse.SUPPRESS,
-                   metavar="N|all", help="items per task, or all (default: 50)")  # fmt: skip
+                   metavar="N|all", help=f"{limit.description}; all = every item "
+                   f"(default: {limit.default})")  # fmt: skip
     p.set_defaults(func=handler)
 
 
 def handler(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tli.cli.flags import resolve_run_config
+    from tli.cli.flags import resolve_args, runtime_of
+    from tli.cli.jobs import model_or_base, print_job
     from tli.errors import TliError
 
     if args.list_tasks:
-        from tli.eval.stage import list_tasks_text
+        from tli.eval.catalog import list_tasks_text
 
         print(list_tasks_text())
         return 0
-    run = resolve_run_config(args, ["eval"])
+    run = resolve_args(args).config
     cfg = run.eval
+    runtime = runtime_of(args)
     heldout = Path(args.heldout) if args.heldout else None
     if heldout is not None and not heldout.exists() and not args.heldout.startswith("hf:"):
         raise TliError(f"--heldout {heldout} does not exist")
     if args.compare:
         from tli.eval.stage import compare
 
-        table = compare(
-            [Path(d) for d in args.compare],
-            cfg,
-            out=Path(args.out) if args.out else None,
-            heldout_data=heldout,
-            device=args.device,
-            force=args.force,
-        )
+        table = compare([Path(d) for d in args.compare], cfg,
+                        out=Path(args.out) if args.out else None, heldout_data=heldout,
+                        device=runtime.device, force=args.force)  # fmt: skip
         print(table)
+        return 0
+    model = model_or_base(args.model, run.base.model)
+    if args.dry_run:
+        from tli.eval.stage import prepare
+
+        inputs = {"model": model, **({"data": heldout} if heldout else {})}
+        print_job(prepare(cfg, inputs, runtime))
         return 0
     if not args.out:
         raise TliError("--out is required (the evaluation folder to create)")
-    model = args.model or run.base.model
-    if model is None:
-        from tli.base import import_base
-
-        model = import_base()
     from tli.eval.stage import run_eval
 
-    res = run_eval(
-        Path(model), Path(args.out), cfg, heldout_data=heldout, device=args.device,
-        force=args.force,
-    )  # fmt: skip
+    res = run_eval(model, Path(args.out), cfg, heldout_data=heldout, device=runtime.device,
+                   force=args.force)  # fmt: skip
     print(res["table"])
     print(f"written to {args.out}")
     return 0

@@ -1,38 +1,29 @@
-"""CLI flags generated from the config model, so no flag re-declares a default.
+"""CLI flags generated from the config models, and the one way a command resolves its config.
 
-``add_section_flags`` turns each field of a config section into an argparse flag whose default is
-"not given"; ``resolve_section`` reads the section from ``--config`` (if any), lays the flags that
-were given over it and validates the result once with pydantic. The help text shows the model's
-default.
+- :func:`add_section_flags`: one flag per field of a run-config section (``--seq-len`` for
+  ``train.seq_len``), whose default is "not given": the model's default shows in the help.
+- :func:`add_runtime_flags`: the same for the :class:`tli.config.Runtime` fields a command uses.
+- :func:`add_config_args`: ``--preset``, ``--config`` (repeatable) and ``KEY=VALUE`` overrides.
+- :func:`resolve_args`: :func:`tli.config.resolve` of the preset, the files, the overrides and
+  then the flags given; :func:`runtime_of`: the runtime from the flags given.
+
+Every command resolves its config this way, so a value means the same wherever it is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import types
 import typing
 from typing import Any, Literal
 
-from tli.config import RunConfig, Section, read_yaml, validate
-from tli.errors import TliError
+from tli.config import PRESETS, Resolved, RunConfig, Runtime, Section, parse_size, resolve
 
 _SEP = "__"  # argparse dest = "<section>__<field>"
-
-
-def _split_list(item_type: Any):
-    def parse(text: str) -> list[Any]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        out = []
-        for t in items:
-            try:
-                out.append(_scalar(item_type)(t))
-            except (TypeError, ValueError):
-                raise argparse.ArgumentTypeError(
-                    f"{t!r} is not a valid {getattr(item_type, '__name__', 'value')}"
-                ) from None
-        return out
-
-    return parse
+RUNTIME = "runtime"
+# A command-line override: a dotted key, '=', a value (e.g. train.lr=3e-4).
+OVERRIDE = re.compile(r"^[a-z_]+(\.[a-z_]+)+=")
 
 
 def _scalar(tp: Any):
@@ -67,11 +58,59 @@ def _scalar(tp: Any):
     return union
 
 
+def _split_list(item_type: Any):
+    def parse(text: str) -> list[Any]:
+        out = []
+        for t in (t.strip() for t in text.split(",")):
+            if not t:
+                continue
+            try:
+                out.append(_scalar(item_type)(t))
+            except (TypeError, ValueError):
+                raise argparse.ArgumentTypeError(
+                    f"{t!r} is not a valid {getattr(item_type, '__name__', 'value')}"
+                ) from None
+        return out
+
+    return parse
+
+
 def _strip_none(tp: Any) -> Any:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0] if len(args) == 1 else typing.Union[tuple(args)]  # noqa: UP007
     return tp
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_field(group: Any, dest: str, name: str, field: Any) -> None:
+    """One flag for one pydantic field (booleans as --x/--no-x, lists as A,B,...)."""
+    flag = "--" + name.replace("_", "-")
+    tp = _strip_none(field.annotation)
+    shown = "none" if field.default is None else field.default
+    if isinstance(shown, list):
+        shown = ",".join(str(x) for x in shown) or "none"
+    help_ = f"{field.description or ''} (default: {shown})"
+    kw: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_}
+    if tp is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+    elif typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        group.add_argument(flag, type=_split_list(item), metavar="A,B,...", **kw)
+    elif name == "shard_size":
+        group.add_argument(flag, type=_size, metavar="SIZE", **kw)
+    else:
+        choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+        # str choices: let argparse say "invalid choice ... (choose from ...)"
+        conv = str if choices and all(isinstance(c, str) for c in choices) else _scalar(tp)
+        group.add_argument(flag, type=conv, choices=choices,
+                           metavar=None if choices else name.upper(), **kw)  # fmt: skip
 
 
 def add_section_flags(
@@ -85,84 +124,65 @@ def add_section_flags(
     cls: type[Section] = RunConfig.model_fields[section].annotation  # type: ignore[assignment]
     group = parser.add_argument_group(f"{section} options (config section '{section}')")
     for name, field in cls.model_fields.items():
-        if (only is not None and name not in only) or name in exclude:
-            continue
-        flag = "--" + name.replace("_", "-")
-        tp = _strip_none(field.annotation)
-        default = field.default
-        shown = "none" if default is None else default
-        if isinstance(shown, list):
-            shown = ",".join(str(x) for x in shown) or "none"
-        help_ = f"{field.description or ''} (default: {shown})"
-        dest = f"{section}{_SEP}{name}"
-        if tp is bool:
-            group.add_argument(
-                flag,
-                dest=dest,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=help_,
-            )
-        elif typing.get_origin(tp) is list:
-            (item,) = typing.get_args(tp)
-            group.add_argument(
-                flag,
-                dest=dest,
-                type=_split_list(item),
-                default=argparse.SUPPRESS,
-                metavar="A,B,...",
-                help=help_,
-            )
-        else:
-            choices = typing.get_args(tp) if typing.get_origin(tp) is Literal else None
-            # str choices: let argparse say "invalid choice ... (choose from ...)"
-            conv = str if choices and all(isinstance(c, str) for c in choices) else _scalar(tp)
-            group.add_argument(
-                flag,
-                dest=dest,
-                type=conv,
-                choices=choices,
-                default=argparse.SUPPRESS,
-                metavar=None if choices else name.upper(),
-                help=help_,
-            )
+        if (only is None or name in only) and name not in exclude:
+            _add_field(group, f"{section}{_SEP}{name}", name, field)
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
+    """Add a flag for each listed :class:`tli.config.Runtime` field (never in a version)."""
+    group = parser.add_argument_group("runtime options (how it runs; never in a version)")
+    for name in names:
+        _add_field(group, f"{RUNTIME}{_SEP}{name}", name, Runtime.model_fields[name])
+
+
+def add_config_args(parser: argparse.ArgumentParser, *, preset: str | None = None) -> None:
+    """``--preset``, ``--config FILE`` (repeatable) and the ``KEY=VALUE`` overrides."""
+    parser.add_argument(
+        "--preset",
+        default=preset,
+        metavar="|".join(PRESETS),
+        help=f"embedded run config to start from (default: {preset or 'none'})",
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="run-config YAML laid over the preset (repeatable; later files win)",
+    )
+    parser.set_defaults(overrides=[])
+    parser.epilog = (
+        "Any config value can also be given as SECTION.FIELD=VALUE (e.g. train.lr=3e-4 "
+        "eval.tasks=[piqa]); flags and overrides win over files and presets. "
+        "`tli config show` prints the resolved config and where each value came from."
+    )
 
 
 def given_flags(args: argparse.Namespace, section: str) -> dict[str, Any]:
-    """The fields of ``section`` that were given on the command line."""
+    """The fields of ``section`` (or ``runtime``) that were given on the command line."""
     pre = section + _SEP
     return {k[len(pre) :]: v for k, v in vars(args).items() if k.startswith(pre)}
 
 
-def resolve_run_config(args: argparse.Namespace, sections: list[str]) -> RunConfig:
-    """The run config from ``--config`` (if given) with the flags of ``sections`` laid over it.
-
-    The whole file is validated (unknown keys anywhere are errors), then the flags, then the
-    merged result, so every default comes from :mod:`tli.config`.
-    """
-    path = getattr(args, "config", None)
-    data = read_yaml(path) if path else {}
-    if path:  # errors in the file are reported against the file alone
-        validate(RunConfig, data, str(path))
-    any_flags = any(given_flags(args, s) for s in sections)
-    origin = " + ".join(x for x in (str(path) if path else "", "flags" if any_flags else "") if x)
-    for section in sections:
-        flags = given_flags(args, section)
-        if flags:
-            merged = dict(data.get(section) or {})
-            merged.update(flags)
-            data[section] = merged
-    return validate(RunConfig, data, origin or "defaults")  # type: ignore[return-value]
+def resolve_args(args: argparse.Namespace) -> Resolved:
+    """The run config of a command: preset, ``--config`` files, overrides, then flags."""
+    overrides: list[Any] = list(getattr(args, "overrides", []))
+    for section in RunConfig.model_fields:
+        for name, value in given_flags(args, section).items():
+            overrides.append(((section, name), value, "--" + name.replace("_", "-")))
+    return resolve(getattr(args, "preset", None), getattr(args, "config", []) or [], overrides)
 
 
-def resolve_section(args: argparse.Namespace, section: str) -> Section:
-    """One validated section (see :func:`resolve_run_config`)."""
-    return getattr(resolve_run_config(args, [section]), section)
+def runtime_of(args: argparse.Namespace, **defaults: Any) -> Runtime:
+    """The runtime options given as flags (over ``defaults``), validated once."""
+    from tli.config import validate
+
+    return validate(Runtime, {**defaults, **given_flags(args, RUNTIME)}, "flags")  # type: ignore[return-value]
 
 
-def parse_int_list(text: str, what: str) -> list[int]:
-    """Parse '3,7,11' into ints, or raise a one-line :class:`TliError` naming ``what``."""
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise TliError(f"{what} must be comma-separated integers, got {text!r}") from None
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separate ``KEY=VALUE`` overrides from the other arguments (they may come anywhere)."""
+    rest, overrides = [], []
+    for a in argv:
+        (overrides if OVERRIDE.match(a) else rest).append(a)
+    return rest, overrides

@@ -3,26 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import re
 
-from tli.cli.flags import add_section_flags
-from tli.errors import TliError
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '512MB', '1000000' -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB or 500MB")
-    unit = (m.group(2) or "").upper().replace("I", "").rstrip("B")
-    mult = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[unit]
-    return int(float(m.group(1)) * mult)
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return int(text)
+from tli.cli.flags import add_config_args, add_runtime_flags, add_section_flags
+from tli.cli.jobs import add_dry_run
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,19 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="input HF model folder (default: base.model from --config, else the bundled SmolLM2)",
     )
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
-    p.add_argument("--config", help="run-config YAML; its inject section is used, flags override")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument(
-        "--shard-size", type=parse_size, default="5GB", help="max output shard size (default: 5GB)"
-    )
-    p.add_argument(
-        "--threads",
-        type=_positive_int,
-        default=None,
-        help="output shards written at once (default: one per CPU, at most 4)",
-    )
-    p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (= --no-progress)")
+    add_dry_run(p)
+    add_config_args(p)
+    add_runtime_flags(p, ["writers", "shard_size", "progress"])
     add_section_flags(p, "inject")
     p.set_defaults(func=handler)
 
@@ -58,37 +33,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handler(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tli.cli.flags import resolve_run_config
-    from tli.inject.stage import plan_for_model_dir, run_inject
+    from tli.cli.flags import given_flags, resolve_args, runtime_of
+    from tli.cli.jobs import model_or_base
+    from tli.errors import TliError
+    from tli.inject.stage import prepare, run_inject
 
-    run = resolve_run_config(args, ["inject"])
-    cfg = run.inject
+    run = resolve_args(args)
+    cfg = run.config.inject
     if cfg.method != "tli":
-        set_tli = [
-            k
-            for k in ("init", "alpha", "source", "positions")
-            if getattr(args, f"inject__{k}", None) is not None
-        ]
+        set_tli = [k for k in ("init", "alpha", "source", "positions")
+                   if k in given_flags(args, "inject")]  # fmt: skip
         if set_tli:
             raise TliError(f"--{set_tli[0]} applies to --method tli only, not {cfg.method}")
-    model = args.model or run.base.model
-    if model is None:
-        from tli.base import import_base
-
-        model = import_base()
+    runtime = runtime_of(args, **({"progress": False} if args.quiet else {}))
+    model = model_or_base(args.model, run.config.base.model)
     if args.dry_run:
-        plan = plan_for_model_dir(model, cfg)
-        _print_plan(plan)
+        _print_plan(prepare(cfg, {"base": model}, runtime).plan)
         return 0
-    out = run_inject(
-        Path(model),
-        Path(args.out),
-        cfg,
-        force=args.force,
-        max_shard_bytes=args.shard_size,
-        progress=not args.quiet,
-        threads=args.threads,
-    )
+    out = run_inject(model, Path(args.out), cfg, force=args.force, runtime=runtime)
     _print_summary(out)
     return 0
 

@@ -1,8 +1,9 @@
 """`tli pipeline compile|run|submit`: the KFP pipeline, compiled, run locally, or submitted.
 
 ``run`` uses KFP's local runner on this machine with a real local Ray head that it starts and
-stops (or the head at ``--ray-address``); ``submit`` sends the same pipeline and parameters to a
-Kubeflow Pipelines API. kfp is imported only inside the handlers, through ``pipelines/``.
+stops (or the head whose Jobs API is ``--ray-jobs``); ``submit`` sends the same pipeline and
+parameters to a Kubeflow Pipelines API. kfp is imported only inside the handlers, through
+``pipelines/``.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ import json
 import os
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tli.config import RunConfig, read_yaml, validate
+from tli.cli.flags import add_config_args, add_runtime_flags
+from tli.config import Resolved, RunConfig, Runtime
 from tli.errors import TliError
 
-PRESETS = ("default", "smoke")
-DEFAULT_STORE = RunConfig().pipeline.store
+# Runtime options that reach the stages; the store and the Ray head are pipeline parameters.
+STAGE_RUNTIME = [
+    "threads", "cpus_per_worker", "writers", "shard_size", "report_every", "max_failures",
+    "keep_checkpoints", "compile", "peak_tflops", "device",
+]  # fmt: skip
+K8S_RAY_JOBS = "http://tli-raycluster-head-svc:8265"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,21 +43,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = ps.add_parser("run", help="run the pipeline here with KFP's local runner and local Ray")
     add_run_flags(r)
-    r.add_argument(
-        "--ray-address",
-        help="job API of a running Ray head (e.g. http://127.0.0.1:8265); "
-        "default: start a local head for this run and stop it at the end",
-    )
+    add_runtime_flags(r, ["store", "ray_jobs", *STAGE_RUNTIME])
     r.set_defaults(func=_run)
 
     s = ps.add_parser("submit", help="send the pipeline to a Kubeflow Pipelines API")
     s.add_argument("--host", required=True, help="the KFP API, e.g. http://localhost:8888")
-    add_run_flags(s, store_default=None)
+    add_run_flags(s)
+    add_runtime_flags(s, STAGE_RUNTIME)
+    s.add_argument("--store", help="stage store folder as the steps see it (default: the volume)")
     s.add_argument(
-        "--ray-address",
-        default="http://tli-raycluster-head-svc:8265",
-        help="job API of the Ray head as the steps see it "
-        "(default: http://tli-raycluster-head-svc:8265)",
+        "--ray-jobs",
+        default=K8S_RAY_JOBS,
+        help=f"Ray Jobs API of the head as the steps see it (default: {K8S_RAY_JOBS})",
     )
     s.add_argument("--store-pvc", default="tli-store", help="PVC holding the store")
     s.add_argument("--image", help="the project image every step runs in")
@@ -62,20 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_submit)
 
 
-def add_run_flags(p: argparse.ArgumentParser, store_default: str | None = DEFAULT_STORE) -> None:
+def add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags that choose a run's configuration (shared by run, submit and demo)."""
-    p.add_argument("--config", help="run config YAML laid over the preset")
-    p.add_argument(
-        "--preset",
-        default="default",
-        help=f"embedded configuration: {' | '.join(PRESETS)} (default: default)",
-    )
+    add_config_args(p, preset="default")
     p.add_argument("--base", help="an HF model folder to upscale instead of the bundled SmolLM2")
-    p.add_argument(
-        "--store",
-        default=store_default,
-        help=f"stage store folder (default: {store_default or 'the mounted volume'})",
-    )
     p.add_argument(
         "--rerun",
         action="append",
@@ -83,52 +73,22 @@ def add_run_flags(p: argparse.ArgumentParser, store_default: str | None = DEFAUL
         metavar="STAGE",
         help="recompute this stage even if stored (repeatable or a,b)",
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.FIELD=VALUE",
-        help="override one config field, e.g. --set eval.limit=20 (repeatable)",
-    )
 
 
 # ---------------------------------------------------------------------------- config
 
 
-def preset_data(name: str) -> dict[str, Any]:
-    """The YAML of an embedded preset as a dict (not yet validated)."""
-    if name not in PRESETS:
-        raise TliError(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}")
-    text = resources.files("tli.presets").joinpath(f"{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+def resolve_run(args: argparse.Namespace) -> Resolved:
+    """The pipeline's config: preset, files, overrides, and ``--base`` as ``base.model``."""
+    from tli.cli.flags import resolve_args
 
+    if args.base:
+        from tli.modelfolder import ModelFolder
 
-def resolve_config(preset: str, config: str | None, base: str | None, sets: list[str]) -> RunConfig:
-    """Preset, then ``--config`` (by section), then ``--base`` and ``--set``; validated once."""
-    data = preset_data(preset)
-    origin = f"preset {preset}"
-    if config:
-        for section, fields in read_yaml(config).items():
-            if isinstance(fields, dict) and isinstance(data.get(section), dict):
-                data[section] = {**data[section], **fields}
-            else:
-                data[section] = fields
-        origin += f" + {config}"
-    if base:
-        data["base"] = {**(data.get("base") or {}), "model": str(Path(base).absolute())}
-    for item in sets:
-        key, eq, value = item.partition("=")
-        section, dot, field = key.partition(".")
-        if not eq or not dot or not section or not field:
-            raise TliError(f"--set {item!r}: write SECTION.FIELD=VALUE, e.g. eval.limit=20")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise TliError(f"--set {item!r}: the value is not valid YAML") from None
-        data[section] = {**(data.get(section) or {}), field: parsed}
-    if sets:
-        origin += " + --set"
-    return validate(RunConfig, data, origin)  # type: ignore[return-value]
+        ModelFolder.open(args.base, decoder=False)  # named as the user gave it
+        args.overrides = [*args.overrides, (("base", "model"), str(Path(args.base).absolute()),
+                                            "--base")]  # fmt: skip
+    return resolve_args(args)
 
 
 def rerun_stages(values: list[str]) -> list[str]:
@@ -142,10 +102,12 @@ def rerun_stages(values: list[str]) -> list[str]:
 
 
 def pipeline_arguments(
-    cfg: RunConfig, store: str, ray_address: str | None, rerun: list[str]
+    cfg: RunConfig, store: str, ray_jobs: str | None, rerun: list[str], runtime: Runtime
 ) -> dict[str, Any]:
     """The pipeline's parameters for a resolved run config."""
-    args: dict[str, Any] = {"store": store, "ray_address": ray_address, "rerun": rerun}
+    stage_rt = runtime.model_dump(mode="json", include=set(STAGE_RUNTIME))
+    args: dict[str, Any] = {"store": store, "ray_jobs": ray_jobs, "rerun": rerun,
+                            "runtime": json.dumps(stage_rt)}  # fmt: skip
     for section in ("base", "data", "inject", "tune", "train", "eval"):
         args[f"{section}_config"] = json.dumps(getattr(cfg, section).model_dump(mode="json"))
     return args
@@ -153,14 +115,12 @@ def pipeline_arguments(
 
 def check_run_inputs(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
     """Every check that needs no Ray and writes nothing (bad input -> one line, exit 2)."""
-    from tli.pipeline.stages import check_model_folder
-
-    if args.base:
-        check_model_folder(Path(args.base))  # named as the user gave it
-    cfg = resolve_config(args.preset, args.config, args.base, args.set)
+    cfg = resolve_run(args).config
     rerun = rerun_stages(args.rerun)
     if cfg.base.model:
-        check_model_folder(Path(cfg.base.model))
+        from tli.modelfolder import ModelFolder
+
+        ModelFolder.open(cfg.base.model, decoder=False)
     return cfg, rerun
 
 
@@ -179,20 +139,30 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from tli.cli.flags import given_flags, runtime_of
+
     cfg, rerun = check_run_inputs(args)
+    runtime = runtime_of(args)
+    if "store" not in given_flags(args, "runtime"):
+        runtime = runtime.model_copy(update={"store": cfg.pipeline.store})
+    return run_checked(cfg, rerun, runtime)
+
+
+def run_checked(cfg: RunConfig, rerun: list[str], runtime: Runtime) -> int:
+    """Run the pipeline here on a checked config: the store, the Ray head, then the stages."""
     from tli.pipeline.store import Store
 
-    store = Store(args.store or cfg.pipeline.store)
+    store = Store(runtime.store)
     store.check_writable()
-    from tli.pipeline.runner import job_client
+    if runtime.ray_jobs:
+        from tli.pipeline.runner import job_client
 
-    if args.ray_address:
-        job_client(args.ray_address)  # unreachable -> one line, exit 2, before any work
+        job_client(runtime.ray_jobs)  # unreachable -> one line, exit 2, before any work
     store.create()
-    return run_pipeline(cfg, store.root, rerun, args.ray_address)
+    return run_pipeline(cfg, store.root, rerun, runtime)
 
 
-def run_pipeline(cfg: RunConfig, store: Path, rerun: list[str], ray_address: str | None) -> int:
+def run_pipeline(cfg: RunConfig, store: Path, rerun: list[str], runtime: Runtime) -> int:
     """Run the pipeline locally (inputs already checked); print the stages and the report."""
     import contextlib
     import signal
@@ -206,15 +176,14 @@ def run_pipeline(cfg: RunConfig, store: Path, rerun: list[str], ray_address: str
         raise SystemExit(128 + signum)
 
     t0 = time.time()
-    head = contextlib.nullcontext(ray_address) if ray_address else local_head()
+    head = contextlib.nullcontext(runtime.ray_jobs) if runtime.ray_jobs else local_head()
     from pipelines.local import run_local
 
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         with head as address:
-            ref = run_local(
-                pipeline_arguments(cfg, str(store), address, rerun), pipeline_root=store / ".kfp"
-            )
+            arguments = pipeline_arguments(cfg, str(store), address, rerun, runtime)
+            ref = run_local(arguments, pipeline_root=store / ".kfp")
     except TliError:
         raise
     except Exception as e:  # a stage failed: its log is above
@@ -241,11 +210,14 @@ def print_summary(ref: dict[str, Any], seconds: float) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from tli.cli.flags import runtime_of
+
     cfg, rerun = check_run_inputs(args)
     from pipelines.local import IMAGE, submit
     from pipelines.tli_pipeline import DEFAULT_STORE as K8S_STORE
 
-    arguments = pipeline_arguments(cfg, args.store or K8S_STORE, args.ray_address, rerun)
+    arguments = pipeline_arguments(cfg, args.store or K8S_STORE, args.ray_jobs, rerun,
+                                   runtime_of(args))  # fmt: skip
     arguments["store_pvc"] = args.store_pvc
     name = f"tli-{time.strftime('%Y%m%d-%H%M%S')}"
     try:

@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from tli.config import RunConfig
 from tli.errors import TliError
 
 
@@ -17,25 +16,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     ps = p.add_subparsers(
         dest="action", metavar="ACTION", parser_class=OneLineParser, required=True
     )
-    store_help = f"stage store folder (default: {RunConfig().pipeline.store})"
+    from tli.cli.flags import add_runtime_flags
+
     ls = ps.add_parser("list", help="every stored version, oldest first")
-    ls.add_argument("--store", default=RunConfig().pipeline.store, help=store_help)
+    add_runtime_flags(ls, ["store"])
     ls.add_argument("--stage", help="only this stage")
     ls.set_defaults(func=_list)
     sh = ps.add_parser("show", help="one version: its parameters, files and lineage")
     sh.add_argument("version", help="a version (a unique prefix is enough; or STAGE/VERSION)")
-    sh.add_argument("--store", default=RunConfig().pipeline.store, help=store_help)
+    add_runtime_flags(sh, ["store"])
     sh.set_defaults(func=_show)
     cl = ps.add_parser("clean", help="remove folders left by stages that were killed")
-    cl.add_argument("--store", default=RunConfig().pipeline.store, help=store_help)
+    add_runtime_flags(cl, ["store"])
     cl.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
     cl.set_defaults(func=_clean)
 
 
-def _open(path: str):
+def _open(args: argparse.Namespace):
+    from tli.cli.flags import runtime_of
     from tli.pipeline.store import Store
 
-    store = Store(path)
+    store = Store(runtime_of(args).store)
     if not store.root.is_dir():
         raise TliError(f"no store at {store.root}: run `tli pipeline run` or give --store")
     return store
@@ -51,8 +52,16 @@ def _inputs_text(m: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def code_of(m: dict[str, Any]) -> str:
+    """``current`` when a stored version was made by the code installed now, else ``other``."""
+    from tli.pipeline.stages import STAGES
+
+    stage = STAGES.get(m.get("stage", ""))
+    return "current" if stage is not None and m.get("code") == stage.code() else "other"
+
+
 def _list(args: argparse.Namespace) -> int:
-    store = _open(args.store)
+    store = _open(args)
     rows = [m for m in store.manifests() if not args.stage or m["stage"] == args.stage]
     if args.stage:
         from tli.pipeline.stages import get_stage
@@ -61,11 +70,17 @@ def _list(args: argparse.Namespace) -> int:
     if not rows:
         print(f"{store.root}: no stored versions")
     else:
-        print(f"{'stage':<12} {'version':<20} {'finished':<26} {'seconds':>8}  inputs")
+        print(f"{'stage':<12} {'version':<20} {'finished':<26} {'seconds':>8}  code     inputs")
     for m in rows:
         print(
             f"{m['stage']:<12} {m['version']:<20} {m.get('ended', ''):<26} "
-            f"{m.get('seconds', 0):>8.1f}  {_inputs_text(m)}"
+            f"{m.get('seconds', 0):>8.1f}  {code_of(m):<8} {_inputs_text(m)}"
+        )
+    other = sum(code_of(m) == "other" for m in rows)
+    if other:
+        print(
+            f"{other} version(s) came from other tli code than the installed one: a run of the "
+            "same config computes new versions (the old ones stay as they are)"
         )
     stale = store.stale_temps()
     if stale:
@@ -78,7 +93,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _clean(args: argparse.Namespace) -> int:
-    store = _open(args.store)
+    store = _open(args)
     stale = store.stale_temps()
     for tmp, size in stale:
         if not args.dry_run:
@@ -133,7 +148,7 @@ def _params_text(m: dict[str, Any], width: int = 90) -> str:
 def _show(args: argparse.Namespace) -> int:
     import json
 
-    store = _open(args.store)
+    store = _open(args)
     m = store.lookup(args.version)
     out = store.stage_dir(m["stage"]) / m["version"]
     print(f"{m['stage']}/{m['version']}  ({shown_path(out)})")
@@ -143,6 +158,9 @@ def _show(args: argparse.Namespace) -> int:
     )
     if m.get("rerun_of"):
         print(f"  a rerun of {m['rerun_of']} that gave a different output")
+    code = m.get("code") or "not recorded"
+    print(f"  code {code[:16]} ({code_of(m)}: "
+          + ("the installed tli" if code_of(m) == "current" else "not the installed tli") + ")")
     print("  params: " + json.dumps(m.get("params"), sort_keys=True))
     pk = m.get("packages") or {}
     print("  packages: " + ", ".join(f"{k} {v}" for k, v in pk.items() if v))

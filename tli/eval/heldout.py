@@ -1,7 +1,7 @@
 """Held-out loss: the number Ray Tune minimises and the quickest signal of a short training run.
 
 It is the mean next-token cross-entropy over a fixed set of blocks from the corpus's held-out
-split (see :func:`tli.data.corpus.load_blocks`), never a benchmark's test set.
+split (see :func:`tli.data.blocks.load_blocks`), never a benchmark's test set.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _autocast(device: torch.device, bf16: bool):
 
 def _token_bytes_for(model: Any) -> torch.Tensor | None:
     """Byte lengths of the model's tokenizer's tokens, when the model folder is known."""
-    from tli.data.corpus import token_byte_lengths
+    from tli.data.blocks import token_byte_lengths
 
     name = getattr(model, "name_or_path", None) or getattr(
         getattr(model, "config", None), "_name_or_path", None
@@ -58,12 +58,12 @@ def heldout_loss(
 
     Args:
         model: a causal LM (``model(input_ids=...).logits``), on any device.
-        blocks: int64 ``[n_blocks, seq_len]`` from :func:`tli.data.corpus.load_blocks`.
+        blocks: int64 ``[n_blocks, seq_len]`` from :func:`tli.data.blocks.load_blocks`.
         batch_size: blocks per forward pass.
         bf16: run the forward in bf16 autocast (the loss itself is computed in fp32).
         token_bytes: int64 ``[vocab]`` UTF-8 byte length of each token
-            (:func:`tli.data.corpus.token_byte_lengths`); None = found from the model's folder when it
-            was loaded from one with its tokenizer, else no bits per byte.
+            (:func:`tli.data.blocks.token_byte_lengths`); None = found from the model's folder
+            when it was loaded from one with its tokenizer, else no bits per byte.
         progress: show a progress bar.
 
     Returns:
@@ -71,7 +71,6 @@ def heldout_loss(
         and ``bits_per_byte`` when the tokens' byte lengths are known.
     """
     import torch
-    import torch.nn.functional as F
 
     if blocks.ndim != 2 or blocks.shape[1] < 2:
         raise ValueError(f"blocks must be [n_blocks, seq_len >= 2], got {tuple(blocks.shape)}")
@@ -84,23 +83,13 @@ def heldout_loss(
     total_tokens = 0
     total_bytes = 0
     n = blocks.shape[0]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n, desc="held-out loss", unit="block")
+    bar = _bar(n) if progress else None
     try:
         with torch.no_grad():
             for i in range(0, n, batch_size):
                 ids = blocks[i : i + batch_size].to(device)  # [b, t]
-                with _autocast(device, bf16):
-                    logits = model(input_ids=ids).logits  # [b, t, vocab]
-                logits = logits[:, :-1].float()  # [b, t-1, vocab]: position j predicts j+1
-                targets = ids[:, 1:]  # [b, t-1]
-                nats = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-                )
-                total_nats += float(nats)
+                nats, targets = _nats(model, ids, device, bf16)
+                total_nats += nats
                 total_tokens += targets.numel()
                 if token_bytes is not None:
                     total_bytes += int(token_bytes[targets.cpu()].sum())
@@ -120,3 +109,23 @@ def heldout_loss(
     if token_bytes is not None and total_bytes > 0:
         out["bits_per_byte"] = total_nats / math.log(2) / total_bytes
     return out
+
+
+def _nats(model: Any, ids: torch.Tensor, device: Any, bf16: bool) -> tuple[float, torch.Tensor]:
+    """Summed next-token cross-entropy of one batch ``[b, t]``, and its targets ``[b, t-1]``."""
+    import torch.nn.functional as F
+
+    with _autocast(device, bf16):
+        logits = model(input_ids=ids).logits  # [b, t, vocab]
+    logits = logits[:, :-1].float()  # [b, t-1, vocab]: position j predicts j+1
+    targets = ids[:, 1:]  # [b, t-1]
+    nats = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+    )
+    return float(nats), targets
+
+
+def _bar(n: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n, desc="held-out loss", unit="block")

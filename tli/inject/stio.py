@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -414,12 +414,3 @@ def _write_run(
             progress(t.nbytes)
     else:  # pragma: no cover - construction bug
         raise AssertionError(f"unknown producer kind {t.kind}")
-
-
-def iter_layer_tensors(
-    refs: dict[str, TensorRef], layer_re
-) -> Iterator[tuple[str, int | None, str]]:
-    """(name, layer index or None, suffix) for every tensor, in name order."""
-    for name in sorted(refs):
-        m = layer_re.fullmatch(name)
-        yield (name, int(m.group(1)), m.group(2)) if m else (name, None, "")

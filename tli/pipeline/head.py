@@ -12,30 +12,17 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tli import rayenv
 from tli.errors import TliError
 
 # The `ray start --block` processes this process started (see terminate_children).
 HEAD_PIDS: set[int] = set()
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface (for a local Ray head's services)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _temp_dir() -> str:
-    base = "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
-    return os.path.join(base, f"ray_tli_{os.getpid()}")
 
 
 @contextlib.contextmanager
@@ -49,51 +36,17 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 180.0) -> Iterato
     Yields:
         ``http://127.0.0.1:<port>``, the head's dashboard (Jobs API) address.
     """
-    tmp = _temp_dir()
-    ports = {
-        k: free_port()
-        for k in ("port", "dash", "client", "agent_http", "agent_grpc", "runtime_env", "metrics")
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "ray.scripts.scripts",
-        "start",
-        "--head",
-        "--block",
-        "--temp-dir",
-        tmp,
-        "--node-ip-address",
-        "127.0.0.1",
-        "--port",
-        str(ports["port"]),
-        "--dashboard-host",
-        "127.0.0.1",
-        "--dashboard-port",
-        str(ports["dash"]),
-        "--ray-client-server-port",
-        str(ports["client"]),
-        "--dashboard-agent-listen-port",
-        str(ports["agent_http"]),
-        "--dashboard-agent-grpc-port",
-        str(ports["agent_grpc"]),
-        "--runtime-env-agent-port",
-        str(ports["runtime_env"]),
-        "--metrics-export-port",
-        str(ports["metrics"]),
-        "--num-cpus",
-        str(num_cpus or os.cpu_count() or 1),
-        "--include-dashboard",
-        "true",
-        "--disable-usage-stats",
-    ]
+    rayenv.ensure_auth()
+    tmp = rayenv.temp_dir("head")
+    names = ("port", "dash", "client", "agent_http", "agent_grpc", "runtime_env", "metrics")
+    ports = dict(zip(names, rayenv.free_ports(len(names)), strict=True))
+    cmd = _head_command(tmp, ports, num_cpus or os.cpu_count() or 1)
     env = dict(os.environ)
-    # Jobs run `python -m tli.pipeline.runner`: put this interpreter first on the head's PATH so the jobs
-    # run in this environment (in the project image `python` is already the right one).
+    # Jobs run `python -m tli.pipeline.runner`: put this interpreter first on the head's PATH so
+    # the jobs run in this environment (in the project image `python` is already the right one).
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    env.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    for k, v in rayenv.HEALTH_CHECK_ENV.items():
+        env.setdefault(k, v)
     os.makedirs(tmp, exist_ok=True)
     log_path = os.path.join(tmp, "head.log")
     address = f"http://127.0.0.1:{ports['dash']}"
@@ -112,6 +65,28 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 180.0) -> Iterato
         HEAD_PIDS.discard(proc.pid)
         shutil.rmtree(tmp, ignore_errors=True)
         print("tli: local Ray head stopped", flush=True)
+
+
+def _head_command(tmp: str, ports: dict[str, int], num_cpus: int) -> list[str]:
+    """``ray start --head --block`` on 127.0.0.1 with its own temp dir and ports."""
+    flags = {
+        "--temp-dir": tmp,
+        "--node-ip-address": "127.0.0.1",
+        "--port": ports["port"],
+        "--dashboard-host": "127.0.0.1",
+        "--dashboard-port": ports["dash"],
+        "--ray-client-server-port": ports["client"],
+        "--dashboard-agent-listen-port": ports["agent_http"],
+        "--dashboard-agent-grpc-port": ports["agent_grpc"],
+        "--runtime-env-agent-port": ports["runtime_env"],
+        "--metrics-export-port": ports["metrics"],
+        "--num-cpus": num_cpus,
+        "--include-dashboard": "true",
+    }
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block"]
+    for k, v in flags.items():
+        cmd += [k, str(v)]
+    return [*cmd, "--disable-usage-stats"]
 
 
 def _wait_ready(proc: subprocess.Popen, address: str, log_path: str, timeout_s: float) -> None:

@@ -13,6 +13,7 @@ import csv
 import html
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,81 +94,108 @@ def _plots(
     import matplotlib.pyplot as plt
 
     made = []
+    for name, draw in (
+        ("tune_trials.png", lambda: _plot_trials(plt, trials)),
+        ("train_loss.png", lambda: _plot_training(plt, metrics)),
+        ("models.png", lambda: _plot_models(plt, heldout, params)),
+    ):
+        fig = draw()
+        if fig is None:
+            continue
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        made.append(name)
+    return made
+
+
+def _plot_trials(plt: Any, trials: list[dict[str, str]]) -> Any:
     rows = [(r, _trial_loss(r)) for r in trials]
     rows = [(r, v) for r, v in rows if v is not None]
-    if rows:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        labels = [_trial_label(r) for r, _ in rows]
-        ax.bar(range(len(rows)), [v for _, v in rows], color="#4c72b0")
-        ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right", fontsize=8)
-        ax.set_ylabel("held-out loss (best)")
-        ax.set_title("Tune: held-out loss per trial")
-        lo = min(v for _, v in rows)
-        ax.set_ylim(lo * 0.95, max(v for _, v in rows) * 1.02)
-        fig.tight_layout()
-        fig.savefig(out / "tune_trials.png", dpi=100)
-        plt.close(fig)
-        made.append("tune_trials.png")
-    if metrics:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        steps = [m["step"] for m in metrics]
-        ax.plot(steps, [m.get("loss") for m in metrics], label="training loss", alpha=0.6)
-        val = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
-        if val:
-            label = "held-out loss (validation split)"
-            ax.plot([s for s, _ in val], [v for _, v in val], "o-", label=label)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title("Training")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "train_loss.png", dpi=100)
-        plt.close(fig)
-        made.append("train_loss.png")
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    labels = [_trial_label(r) for r, _ in rows]
+    ax.bar(range(len(rows)), [v for _, v in rows], color="#4c72b0")
+    ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("held-out loss (best)")
+    ax.set_title("Tune: held-out loss per trial")
+    lo = min(v for _, v in rows)
+    ax.set_ylim(lo * 0.95, max(v for _, v in rows) * 1.02)
+    return fig
+
+
+def _plot_training(plt: Any, metrics: list[dict[str, Any]]) -> Any:
+    if not metrics:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    steps = [m["step"] for m in metrics]
+    ax.plot(steps, [m.get("loss") for m in metrics], label="training loss", alpha=0.6)
+    val = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None]
+    if val:
+        label = "held-out loss (validation split)"
+        ax.plot([s for s, _ in val], [v for _, v in val], "o-", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Training")
+    ax.legend()
+    return fig
+
+
+def _plot_models(
+    plt: Any, heldout: dict[str, float | None], params: tuple[int | None, int | None]
+) -> Any:
     known = {k: v for k, v in heldout.items() if v is not None}
     before, after = params
-    if known or (before and after):
-        fig, axes = plt.subplots(1, 2, figsize=(7, 3))
-        if known:
-            axes[0].bar(
-                list(known),
-                list(known.values()),
-                color=["#999", "#4c72b0", "#55a868"][: len(known)],
-            )
-            axes[0].set_ylim(min(known.values()) * 0.95, max(known.values()) * 1.02)
-        axes[0].set_title("held-out loss")
-        if before and after:
-            axes[1].bar(
-                ["base", "added"], [before / 1e6, (after - before) / 1e6], color=["#999", "#c44e52"]
-            )
-            axes[1].set_ylabel("parameters (M)")
-        axes[1].set_title("parameters")
-        fig.tight_layout()
-        fig.savefig(out / "models.png", dpi=100)
-        plt.close(fig)
-        made.append("models.png")
-    return made
+    if not (known or (before and after)):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3))
+    if known:
+        axes[0].bar(
+            list(known),
+            list(known.values()),
+            color=["#999", "#4c72b0", "#55a868"][: len(known)],
+        )
+        axes[0].set_ylim(min(known.values()) * 0.95, max(known.values()) * 1.02)
+    axes[0].set_title("held-out loss")
+    if before and after:
+        axes[1].bar(
+            ["base", "added"], [before / 1e6, (after - before) / 1e6], color=["#999", "#c44e52"]
+        )
+        axes[1].set_ylabel("parameters (M)")
+    axes[1].set_title("parameters")
+    return fig
 
 
 # ---------------------------------------------------------------------------- report
 
 
-def run_report(out: Path, inputs: dict[str, Path]) -> Path:
-    """Write ``report.md``, ``report.html`` and the PNG plots into ``out`` (created here).
+@dataclass(frozen=True)
+class ReportJob:
+    """The stages' output folders the report reads (base, data, tune, inject, train, evals)."""
 
-    Args:
-        out: the report folder to create (must not exist).
-        inputs: the stages' output folders: base, data, tune, inject, train, eval_base,
-            eval_injected, eval_trained.
+    inputs: dict[str, Path]
 
-    Returns:
-        ``out``.
-    """
-    out = Path(out)
-    if out.exists():
-        raise TliError(f"{out} already exists")
-    from tli.eval.stage import read_eval_dir, results_table
+    def describe(self) -> dict[str, Any]:
+        return {"stage": "report", "inputs": {k: str(v) for k, v in self.inputs.items()}}
 
+
+REPORT_INPUTS = ("tune", "inject", "train", "eval_base", "eval_injected", "eval_trained")
+
+
+def prepare(cfg: Any, inputs: dict[str, Path], runtime: Any) -> ReportJob:
+    """Check that every stage output the report reads is there (the report has no config)."""
+    missing = [k for k in REPORT_INPUTS if k not in inputs or not Path(inputs[k]).is_dir()]
+    if missing:
+        raise TliError(f"the report needs the outputs of {', '.join(missing)}")
+    return ReportJob({k: Path(v) for k, v in inputs.items()})
+
+
+def execute(job: ReportJob, out: Path) -> None:
+    """Write ``report.md``, ``report.html`` and the PNG plots into ``out``."""
+    from tli.eval.tables import read_eval_dir, results_table
+
+    inputs = job.inputs
     trials = read_trials(inputs["tune"])
     metrics = read_metrics(inputs["train"])
     before, after = _parameters(inputs["inject"])
@@ -175,32 +203,26 @@ def run_report(out: Path, inputs: dict[str, Path]) -> Path:
     heldout = {label: _heldout(p) for label, p in evals.items()}
     table = results_table({label: read_eval_dir(p) for label, p in evals.items()})
     plan = _json(inputs["inject"] / "tli_plan.json") or {}
-    best = None
-    if (inputs["tune"] / "best.yaml").is_file():
-        import yaml
-
-        # Only what the search chose: the inject section and the learning rate.
-        doc = yaml.safe_load((inputs["tune"] / "best.yaml").read_text()) or {}
-        chosen = {"inject": doc.get("inject"), "train": {"lr": (doc.get("train") or {}).get("lr")}}
-        best = yaml.safe_dump(chosen, sort_keys=False)
     train_prov = _json(inputs["train"] / "tli_train.json") or {}
+    pngs = _plots(out, trials, metrics, (before, after), heldout)
+    if (inputs["tune"] / "tune.png").is_file():  # the tune stage's loss-vs-step curves
+        shutil.copyfile(inputs["tune"] / "tune.png", out / "tune.png")
+        pngs.append("tune.png")
+    md = _markdown(trials, metrics, before, after, plan, _chosen(inputs["tune"]), table, heldout,
+                   train_prov, pngs)  # fmt: skip
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(_html(md))
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        pngs = _plots(tmp, trials, metrics, (before, after), heldout)
-        if (inputs["tune"] / "tune.png").is_file():  # the tune stage's loss-vs-step curves
-            shutil.copyfile(inputs["tune"] / "tune.png", tmp / "tune.png")
-            pngs.append("tune.png")
-        md = _markdown(trials, metrics, before, after, plan, best, table, heldout, train_prov, pngs)
-        (tmp / "report.md").write_text(md)
-        (tmp / "report.html").write_text(_html(md))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+def _chosen(tune_out: Path) -> str | None:
+    """Only what the search chose (``best.yaml``): the inject section and the learning rate."""
+    if not (tune_out / "best.yaml").is_file():
+        return None
+    import yaml
+
+    doc = yaml.safe_load((tune_out / "best.yaml").read_text()) or {}
+    chosen = {"inject": doc.get("inject"), "train": {"lr": (doc.get("train") or {}).get("lr")}}
+    return yaml.safe_dump(chosen, sort_keys=False)
 
 
 def _int(x: int | None) -> str:

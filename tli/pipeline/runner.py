@@ -18,24 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tli.config import RunConfig, validate
+from tli.config import RunConfig, Runtime, validate
 from tli.errors import TliError
-from tli.pipeline.stages import STAGES, get_stage
+from tli.pipeline.stages import STAGES, Stage, get_stage, model_dir
 from tli.pipeline.store import InputRef, StageResult, Store, version_key
+from tli.rayenv import JOB_ENV, ensure_auth
 
 RESULT_TAG = "TLI_RESULT "
 SPEC_ENV = "TLI_STAGE_SPEC"
-# Environment of every stage job: offline hubs, and Ray Train's controller polling fast enough
-# that ray.train.report() does not wait ~2 s per call.
-JOB_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-    # A stage that calls ray.init(runtime_env=...) itself (tune) merges it with the job's.
-    "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",
-}
 
 
 def _log(msg: str) -> None:
@@ -49,8 +39,7 @@ def dashboard_url(address: str) -> str:
 
 def job_client(address: str):
     """A :class:`JobSubmissionClient` for the head at ``address``, or a one-line error."""
-    # Ray 2.60 heads use token auth by default; the client reads the token from ~/.ray.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ensure_auth()  # Ray 2.60 heads use token auth; the client reads the token from ~/.ray
     from ray.job_submission import JobSubmissionClient
 
     url = dashboard_url(address)
@@ -60,18 +49,17 @@ def job_client(address: str):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TliError(
             f"cannot reach the Ray head's job API at {url} ({first[:160]}): give the head's "
-            "dashboard address (e.g. http://127.0.0.1:8265) or leave --ray-address out"
+            "dashboard address (e.g. http://127.0.0.1:8265) or leave --ray-jobs out"
         ) from None
 
 
 # ---------------------------------------------------------------------------- one stage
 
 
-def _inputs(stage: str, cfg: RunConfig, refs: dict[str, dict[str, Any]], store: Store):
-    spec = get_stage(stage)
+def _inputs(spec: Stage, cfg: RunConfig, refs: dict[str, dict[str, Any]], store: Store):
     missing = [n for n in spec.inputs if n not in refs]
     if missing:
-        raise TliError(f"stage {stage} needs inputs {', '.join(missing)}")
+        raise TliError(f"stage {spec.name} needs inputs {', '.join(missing)}")
     inputs = [
         InputRef(
             name=n,
@@ -82,18 +70,16 @@ def _inputs(stage: str, cfg: RunConfig, refs: dict[str, dict[str, Any]], store: 
         )
         for n in spec.inputs
     ]
-    if stage == "import-base":
-        # The base model is an input from outside the store: its content hash enters the
-        # version, so a changed base folder (or bundled package) gives a new version.
-        from tli.base import bundled_gguf
-
-        src = Path(cfg.base.model) if cfg.base.model else bundled_gguf()
-        if cfg.base.model:
-            from tli.pipeline.stages import check_model_folder
-
-            check_model_folder(src)
-        inputs.append(store.external_ref("source", src))
+    # Inputs from outside the store (the base model): their content hash enters the version,
+    # so a changed base folder (or bundled package) gives a new version.
+    for name, path in spec.external_inputs(cfg).items():
+        inputs.append(store.external_ref(name, path))
     return inputs
+
+
+def _input_dirs(inputs: list[InputRef]) -> dict[str, Path]:
+    """Input folders as the stages take them (a model input is the model folder inside)."""
+    return {i.name: model_dir(Path(i.path)) if i.name == "model" else Path(i.path) for i in inputs}
 
 
 def prepare(
@@ -103,9 +89,9 @@ def prepare(
     spec = get_stage(stage)
     st = Store(store)
     cfg: RunConfig = validate(RunConfig, dict(sections), f"stage {stage}")  # type: ignore[assignment]
-    inputs = _inputs(stage, cfg, refs, st)
-    params = spec.params(cfg, {i.name: Path(i.path) for i in inputs})
-    key = version_key(stage, params, {i.name: i.sha256 for i in inputs})
+    inputs = _inputs(spec, cfg, refs, st)
+    params = spec.params(cfg, _input_dirs(inputs))
+    key = version_key(stage, params, {i.name: i.sha256 for i in inputs}, spec.code())
     return st, cfg, inputs, params, key
 
 
@@ -116,9 +102,10 @@ def run_stage(
     sections: dict[str, Any],
     refs: dict[str, dict[str, Any]],
     rerun: bool = False,
-    ray_address: str | None = None,
+    ray_jobs: str | None = None,
+    runtime: Runtime | None = None,
 ) -> StageResult:
-    """Run ``stage`` through the store; as a Ray job on ``ray_address`` when given.
+    """Run ``stage`` through the store; as a Ray job on the head at ``ray_jobs`` when given.
 
     Args:
         stage: a name from :data:`tli.pipeline.stages.STAGES`.
@@ -126,34 +113,35 @@ def run_stage(
         sections: the run config sections the stage reads (others take their defaults).
         refs: its inputs: ``{name: StageResult.to_dict() of the stage that made it}``.
         rerun: recompute even when the store holds this version.
-        ray_address: the Ray head's job API; None = run in this process.
+        ray_jobs: the Ray head's Jobs API; None = run in this process.
+        runtime: how to run it (threads, shard size, ...); None = the defaults.
 
     Returns:
         The :class:`StageResult` (``status`` cached, ran or reproduced).
     """
     st, cfg, inputs, params, key = prepare(stage, store, sections, refs)
     spec = get_stage(stage)
-    if not rerun:
-        found = st.find(stage, key)
-        if found is not None:
-            m = st.manifest(stage, found.name)
-            _log(f"{stage}: cached {found.name} ({found})")
-            return StageResult(stage, found.name, found, m["output_sha256"], "cached")
-    if ray_address:
-        return _run_as_job(stage, st, sections, refs, rerun, ray_address)
+    runtime = runtime or Runtime()
+    if not rerun and (hit := st._cached(stage, key, _log)):
+        return hit
+    if ray_jobs:
+        return _run_as_job(stage, st, sections, refs, rerun, ray_jobs, runtime)
+    dirs = _input_dirs(inputs)
+    job = spec.prepare(cfg, dirs, runtime)  # every check, before anything is written
     seed = None
     if spec.seed_of:
         seed = getattr(getattr(cfg, spec.seed_of[0]), spec.seed_of[1])
-    input_dirs = {i.name: Path(i.path) for i in inputs}
     _log(f"{stage}: running version {key}")
     return st.run(
         stage,
         params,
         inputs,
-        lambda out: spec.run(out, cfg, input_dirs, None),
+        lambda out: spec.execute(job, out),
+        code=spec.code(),
         seed=seed,
         rerun=rerun,
         volatile=spec.volatile,
+        resumable=spec.resume_state(),
         log=_log,
     )
 
@@ -162,22 +150,24 @@ def run_component(
     stage: str,
     *,
     store: str,
-    ray_address: str | None,
+    ray_jobs: str | None,
     sections: dict[str, Any],
     inputs: dict[str, str],
     rerun: list[str],
     output: str,
+    runtime: str | dict[str, Any] = "{}",
 ) -> dict[str, str]:
     """What a KFP component does: run ``stage``, write its reference for the next stages.
 
     Args:
         stage: the stage name.
         store: the stage store folder.
-        ray_address: the Ray head's job API, or None to run in the component's own process.
+        ray_jobs: the Ray head's Jobs API, or None to run in the component's own process.
         sections: the config sections the stage reads (dicts, or their JSON text).
         inputs: ``{name: path of the upstream component's output artifact}``.
         rerun: stage names to recompute.
         output: path of this component's output artifact (a small JSON reference).
+        runtime: the :class:`tli.config.Runtime` options (a dict or its JSON text).
 
     Returns:
         String metadata for the output artifact (stage, version, path, status).
@@ -192,7 +182,9 @@ def run_component(
         sections=sections,
         refs=refs,
         rerun=stage in rerun,
-        ray_address=ray_address or None,
+        ray_jobs=ray_jobs or None,
+        runtime=validate(Runtime, json.loads(runtime) if isinstance(runtime, str) else runtime,
+                         "the pipeline's runtime parameter"),  # fmt: skip
     )
     ref = result.to_dict()
     if stage == "report":  # the report's reference carries the whole run's lineage
@@ -211,29 +203,31 @@ def _run_as_job(
     sections: dict[str, Any],
     refs: dict[str, dict[str, Any]],
     rerun: bool,
-    ray_address: str,
+    ray_jobs: str,
+    runtime: Runtime,
 ) -> StageResult:
-    client = job_client(ray_address)
+    client = job_client(ray_jobs)
     spec = {
         "stage": stage,
         "store": str(st.root),
         "sections": sections,
         "refs": refs,
         "rerun": rerun,
+        "runtime": runtime.model_dump(mode="json"),
     }
     env = {
         **JOB_ENV,
         SPEC_ENV: json.dumps(spec),  # the job's whole input, so its command line stays short
         # Ray Train's placement-group cleaner finds the State API by auto-detection, which
         # fails when several Rays share a machine: name it.
-        "RAY_API_SERVER_ADDRESS": dashboard_url(ray_address),
+        "RAY_API_SERVER_ADDRESS": dashboard_url(ray_jobs),
     }
     job_id = client.submit_job(
         entrypoint=f"python -m tli.pipeline.runner {stage}",
         runtime_env={"env_vars": env},
         metadata={"tli_stage": stage},
     )
-    _log(f"{stage}: submitted as Ray job {job_id} to {dashboard_url(ray_address)}")
+    _log(f"{stage}: submitted as Ray job {job_id} to {dashboard_url(ray_jobs)}")
     logs = _follow(client, job_id)
     status = client.get_job_status(job_id)
     if str(status) != "SUCCEEDED" and getattr(status, "value", "") != "SUCCEEDED":
@@ -289,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             sections=spec["sections"],
             refs=spec["refs"],
             rerun=spec["rerun"],
-            ray_address=None,
+            runtime=Runtime.model_validate(spec.get("runtime") or {}),
         )
     except TliError as e:
         sys.stderr.write(f"tli {spec['stage']}: error: {e}\n")

@@ -1,27 +1,31 @@
-"""The pipeline's stages: a table from stage name to the ``run_*`` function it calls.
+"""The pipeline's stages: a table from stage name to the module that prepares and executes it.
 
-Each entry says which config sections a stage reads (its version hashes exactly these), which
-inputs it takes from earlier stages, which of its output files are volatile (timings, dates:
-listed in the manifest but left out of the content hash), and a small adapter that calls the
-stage's one ``run_*`` function with the folders the store hands it. The logic of every stage
-lives in its own module; the store (:mod:`tli.pipeline.store`) does versioning and caching, and
-:mod:`tli.pipeline.runner` runs a stage here or as a Ray job.
+Every stage module has the same two functions, which every entry point (the CLI, the store,
+the Ray jobs, the tests) calls:
+
+- ``prepare(config, inputs, runtime) -> Job``: every check of the config and the inputs, and
+  the resolved plan; no Ray, no writes (``--dry-run`` prints the job);
+- ``execute(job, out_dir)``: the work, written into the folder it is handed (the store's or a
+  command's staged output, :mod:`tli.output`; never a temp folder of its own).
+
+A resumable stage (train, tune) also has ``resumable(out_dir) -> str | None``: what a killed
+run left to resume from. The table says which config sections a stage reads and which of their
+fields change its output (its version hashes exactly those), which inputs it takes from earlier
+stages, and which output files are volatile (timings, dates: listed in the manifest but left
+out of the content hash).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Callable
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from tli.config import InjectConfig, RunConfig, TrainConfig, read_yaml
+from tli.config import InjectConfig, RunConfig, Runtime, TrainConfig, read_yaml
 from tli.errors import TliError
-
-# A stage adapter: (output folder to create, run config, input folders by name, Ray address).
-Adapter = Callable[[Path, RunConfig, dict[str, Path], "str | None"], None]
+from tli.provenance import code_hash
 
 
 @dataclass(frozen=True)
@@ -29,25 +33,57 @@ class Stage:
     """One pipeline stage."""
 
     name: str
-    sections: tuple[str, ...]  # config sections it reads (and its version hashes)
+    module: str  # where prepare/execute live; the code its version hashes starts here
+    sections: tuple[str, ...]  # config sections it reads
     inputs: tuple[str, ...]  # inputs from other stages, by name
-    run: Adapter
     volatile: tuple[str, ...] = ()  # output files left out of the content hash
+    resumable: bool = False  # keeps its partial folder when killed, and resumes from it
     model_subdir: str | None = None  # where an HF model folder sits in its output, if anywhere
     seed_of: tuple[str, str] | None = None  # (section, field) recorded as the manifest's seed
-    # (section, field) naming a folder outside the store, whose content hash is an input: the
-    # version hashes that content, not the path, so it is the same on every machine and clone.
-    path_field: tuple[str, str] | None = None
+    code_extra: tuple[str, ...] = ()  # data files its code reads (globs under tli/)
+    # Inputs from outside the store (a user's model folder, the bundled GGUF), named by the
+    # stage module's ``external_inputs(section)``: the version hashes their content, not
+    # their path, so it is the same on every machine and clone.
+    external: bool = False
+
+    def load(self) -> ModuleType:
+        return importlib.import_module(self.module)
+
+    def code(self) -> str:
+        """The hash of the tli source this stage runs."""
+        return code_hash(self.module, self.code_extra)
+
+    def config(self, cfg: RunConfig, inputs: dict[str, Path]) -> Any:
+        """What ``prepare`` receives: its one section, or the run config for several."""
+        resolved = resolved_config(self.name, cfg, inputs)
+        if len(self.sections) == 1:
+            return getattr(resolved, self.sections[0])
+        return resolved
 
     def params(self, cfg: RunConfig, inputs: dict[str, Path]) -> dict[str, Any]:
         """The resolved config this stage runs with (what its version hashes)."""
         resolved = resolved_config(self.name, cfg, inputs)
         out = {s: getattr(resolved, s).model_dump(mode="json") for s in self.sections}
-        if self.path_field:
-            section, field = self.path_field
-            if out[section].get(field) is not None:
-                out[section][field] = "(content: input source)"
+        if self.external:
+            # The external inputs' content is what counts (hashed as inputs), not their path.
+            out = {s: {k: "(content: input source)" if v is not None else None
+                       for k, v in f.items()} for s, f in out.items()}  # fmt: skip
         return out
+
+    def external_inputs(self, cfg: RunConfig) -> dict[str, Path]:
+        if not self.external:
+            return {}
+        return self.load().external_inputs(getattr(cfg, self.sections[0]))
+
+    def prepare(self, cfg: RunConfig, inputs: dict[str, Path], runtime: Runtime) -> Any:
+        return self.load().prepare(self.config(cfg, inputs), inputs, runtime)
+
+    def execute(self, job: Any, out: Path) -> None:
+        self.load().execute(job, out)
+
+    def resume_state(self) -> Any:
+        """The stage's resume predicate on its output folder, or None."""
+        return self.load().resumable if self.resumable else None
 
 
 def model_dir(output: Path) -> Path:
@@ -88,105 +124,44 @@ def resolved_config(stage: str, cfg: RunConfig, inputs: dict[str, Path]) -> RunC
     return cfg
 
 
-# ---------------------------------------------------------------------------- adapters
-
-
-def _import_base(out: Path, cfg: RunConfig, inputs: dict[str, Path], ray: str | None) -> None:
-    from tli.base import import_base
-
-    # The bundled model is converted once into the user cache; the store keeps its own copy
-    # (never a link: a later in-place save into the source must not change a stored version).
-    src = Path(cfg.base.model) if cfg.base.model else import_base()
-    check_model_folder(src)
-    shutil.copytree(src, out)
-
-
-def _data(out: Path, cfg: RunConfig, inputs: dict[str, Path], ray: str | None) -> None:
-    from tli.data.corpus import run_data_build
-
-    run_data_build(cfg.data, out, tokenizer_dir=inputs["base"])
-
-
-def _tune(out: Path, cfg: RunConfig, inputs: dict[str, Path], ray: str | None) -> None:
-    from tli.tune.stage import run_tune
-
-    run_tune(inputs["base"], out, inputs["data"], cfg, ray_address=ray)
-
-
-def _inject(out: Path, cfg: RunConfig, inputs: dict[str, Path], ray: str | None) -> None:
-    from tli.inject.stage import run_inject
-
-    cfg = resolved_config("inject", cfg, inputs)
-    run_inject(inputs["base"], out, cfg.inject, progress=False)
-
-
-def _train(out: Path, cfg: RunConfig, inputs: dict[str, Path], ray: str | None) -> None:
-    from tli.train.stage import run_train
-
-    cfg = resolved_config("train", cfg, inputs)
-    if ray is None and os.environ.get("RAY_ADDRESS") and not cfg.train.gpu:
-        # Inside a stage job: join the job's cluster here, so each CPU worker can be given
-        # its share of the cluster's CPUs (run_train's default on a cluster is one each).
-        import ray as ray_lib
-
-        from tli.train.stage import ray_session
-
-        with ray_session(None):
-            cpus = int(ray_lib.cluster_resources().get("CPU", 1))
-            cpw = max(1, cpus // cfg.train.workers)
-            run_train(
-                model_dir(inputs["model"]), out, inputs["data"], cfg.train, cpus_per_worker=cpw
-            )
-        return
-    run_train(model_dir(inputs["model"]), out, inputs["data"], cfg.train, ray_address=ray)
-
-
-def _eval(out: Path, cfg: RunConfig, inputs: dict[str, Path], ray: str | None) -> None:
-    from tli.eval.stage import run_eval
-
-    run_eval(model_dir(inputs["model"]), out, cfg.eval, heldout_data=inputs["data"])
-
-
-def _report(out: Path, cfg: RunConfig, inputs: dict[str, Path], ray: str | None) -> None:
-    from tli.pipeline.report import run_report
-
-    run_report(out, inputs)
-
-
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("import-base", ("base",), (), _import_base, path_field=("base", "model")),
-        Stage("data", ("data",), ("base",), _data, seed_of=("data", "seed")),
+        Stage("import-base", "tli.base", ("base",), (), external=True),
+        Stage("data", "tli.data.stage", ("data",), ("base",), seed_of=("data", "seed")),
         Stage(
             "tune",
+            "tli.tune.stage",
             ("inject", "train", "tune"),
             ("base", "data"),
-            _tune,
             # Ray's own experiment folder and timings differ between identical searches.
             volatile=("ray/*", "train_runs/*", "*.png", "*.log", "tli_tune.json"),
+            resumable=True,
             seed_of=("train", "seed"),
         ),
-        Stage("inject", ("inject",), ("base", "tune"), _inject),
+        Stage("inject", "tli.inject.stage", ("inject",), ("base", "tune")),
         Stage(
             "train",
+            "tli.train.stage",
             ("train",),
             ("model", "data", "tune"),
-            _train,
             volatile=("tli_train.json", "model/tli_train.json", "metrics.jsonl", "ray/*"),
+            resumable=True,
             model_subdir="model",
             seed_of=("train", "seed"),
         ),
         Stage(
             "eval",
+            "tli.eval.stage",
             ("eval",),
             ("model", "data"),
-            _eval,
             # lm-eval stamps dates and durations; provenance records the wall time.
             volatile=("results.json", "provenance.json"),
+            code_extra=("eval/tasks/**/*.yaml",),
         ),
         Stage(
             "report",
+            "tli.pipeline.report",
             (),
             (
                 "base",
@@ -198,7 +173,6 @@ STAGES: dict[str, Stage] = {
                 "eval_injected",
                 "eval_trained",
             ),
-            _report,
             volatile=("*.png", "report.html"),
         ),
     )
@@ -211,16 +185,3 @@ def get_stage(name: str) -> Stage:
         return STAGES[name]
     except KeyError:
         raise TliError(f"unknown stage {name!r}: choose from {', '.join(STAGES)}") from None
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-def check_model_folder(path: Path) -> None:
-    """Raise a one-line error unless ``path`` is an HF folder with safetensors weights."""
-    if not path.is_dir():
-        raise TliError(f"base model {path} is not a folder: give an HF model folder")
-    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
-        raise TliError(
-            f"base model {path} has no config.json and *.safetensors: give an HF model folder"
-        )

@@ -1,13 +1,17 @@
 """The stage store: versioned, immutable stage outputs under ``<store>/<stage>/<version>/``.
 
-A stage's *version* is a hash of what determines its result: the stage name, its resolved config
-section(s), the content hashes of its input artifacts and the tli version. Running a stage
-through :meth:`Store.run` writes into a temporary sibling folder and renames it to the version
-when complete, so a folder named like a version is always whole. Each version holds::
+A stage's *version* is a hash of what determines its result: the stage name, its resolved
+config, the content hashes of its input artifacts and the hash of the tli code the stage runs
+(:func:`tli.provenance.code_hash`): changed code never reuses an output that older code
+computed. Running a stage through :meth:`Store.run` writes into a staged folder
+(:mod:`tli.output`: a locked ``.<version>.partial`` sibling, renamed when complete), so a folder
+named like a version is always whole; a resumable stage (train, tune) killed mid-run resumes
+from its partial folder when it is run again. Each version holds::
 
-    manifest.json   inputs (with their versions), params, seed, package versions, start/end
-                    time, every output file with its sha256, and the output's content hash
-    output/         what the stage function wrote
+    manifest.json   inputs (with their versions), params, code hash, seed, package versions,
+                    start/end time, every output file with its sha256, and the output's content
+                    hash
+    output/         what the stage wrote
 
 A complete version is reused, never rewritten: running the same stage with the same inputs
 again logs "cached". ``rerun=True`` recomputes it; if the new output has the same content hash
@@ -23,97 +27,26 @@ of the content hash that downstream versions depend on.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import json
 import os
-import shutil
 import socket
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tli import __version__
+from tli import output
 from tli.errors import TliError
+from tli.provenance import hash_tree, package_versions, sha256_file
 
 MANIFEST = "manifest.json"
 OUTPUT = "output"
-FORMAT = "tli-store/1"
+FORMAT = "tli-store/2"
 _HASH_CACHE = ".cache/hashes.json"
-# Packages whose versions can change a stage's result; recorded in every manifest.
-PACKAGES = (
-    "torch",
-    "transformers",
-    "tokenizers",
-    "safetensors",
-    "ray",
-    "lm_eval",
-    "datasets",
-    "kfp",
-    "numpy",
-)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """The sha256 of one file, read in 1 MiB chunks (never the whole file in memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _is_volatile(rel: str, volatile: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatch(rel, pat) for pat in volatile)
-
-
-def hash_tree(
-    root: Path,
-    volatile: tuple[str, ...] = (),
-    file_hash: Callable[[Path], str] = sha256_file,
-) -> tuple[list[dict[str, Any]], str]:
-    """Hash every file under ``root``.
-
-    Args:
-        root: a folder, or a single file.
-        volatile: glob patterns (relative paths) left out of the content hash.
-        file_hash: how one file is hashed (a cached variant for large external inputs).
-
-    Returns:
-        ``(files, content_hash)``: one ``{path, size, sha256[, volatile]}`` per file, sorted by
-        path; the content hash covers the non-volatile files' paths and hashes.
-    """
-    root = Path(root)
-    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    files = []
-    h = hashlib.sha256()
-    for p in paths:
-        rel = p.name if p == root else p.relative_to(root).as_posix()
-        digest = file_hash(p)
-        entry: dict[str, Any] = {"path": rel, "size": p.stat().st_size, "sha256": digest}
-        if _is_volatile(rel, volatile):
-            entry["volatile"] = True
-        else:
-            h.update(f"{rel}\0{digest}\n".encode())
-        files.append(entry)
-    return files, h.hexdigest()
-
-
-def package_versions() -> dict[str, str | None]:
-    """Versions of tli, Python and the packages that can change a result."""
-    out: dict[str, str | None] = {"tli": __version__, "python": sys.version.split()[0]}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def _now() -> str:
@@ -130,14 +63,6 @@ class InputRef:
     stage: str | None = None  # None = external (e.g. a user's model folder)
     version: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "stage": self.stage,
-            "version": self.version,
-            "sha256": self.sha256,
-            "path": self.path,
-        }
-
 
 @dataclass(frozen=True)
 class StageResult:
@@ -153,16 +78,6 @@ class StageResult:
     def output(self) -> Path:
         return self.path / OUTPUT
 
-    def ref(self, name: str) -> InputRef:
-        """This result as an input of another stage."""
-        return InputRef(
-            name=name,
-            path=str(self.output),
-            sha256=self.sha256,
-            stage=self.stage,
-            version=self.version,
-        )
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "stage": self.stage,
@@ -174,13 +89,13 @@ class StageResult:
         }
 
 
-def version_key(stage: str, params: dict[str, Any], inputs: dict[str, str]) -> str:
-    """hash(stage name, resolved params, input content hashes, tli version), 16 hex digits."""
+def version_key(stage: str, params: dict[str, Any], inputs: dict[str, str], code: str) -> str:
+    """hash(stage name, resolved params, input content hashes, code hash), 16 hex digits."""
     doc = {
         "stage": stage,
         "params": params,
         "inputs": dict(sorted(inputs.items())),
-        "tli": __version__,
+        "code": code,
     }
     text = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -327,117 +242,97 @@ class Store:
 
     # ------------------------------------------------------------------ running
 
-    @contextlib.contextmanager
-    def _temp_version(self, stage: str, key: str) -> Iterator[Path]:
-        """A temporary version folder, locked by this process until it is renamed or removed.
-
-        A stage killed outright (SIGKILL, OOM, pod eviction) cannot remove its folder; the lock
-        file beside it (``<tmp>.lock``, held with ``flock``, released by the kernel when the
-        process dies) is how :meth:`stale_temps` tells such a leftover from a running stage.
-        """
-        import fcntl
-
-        d = self.stage_dir(stage)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        lock = _lock_of(tmp)
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            with contextlib.suppress(OSError):
-                # A volume without locks (NFS mounted nolock): the stage runs all the same, and
-                # stale_temps leaves its folder alone, since it cannot tell it is dead.
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            tmp.mkdir()
-            try:
-                yield tmp
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed; removed on failure
-        finally:
-            lock.unlink(missing_ok=True)
-            os.close(fd)
-
     def stale_temps(self) -> list[tuple[Path, int]]:
-        """Temporary version folders no running process holds, with their sizes in bytes.
+        """Partial version folders no running process holds, with their sizes in bytes.
 
-        They are what a killed stage left behind (nothing else points at them).
+        They are what killed stages left behind: a resumable stage's (train, tune) is resumed
+        by the next run of the same version, anything else is removed by it; ``tli runs
+        clean`` removes them all. Folders of the store's first format (``.tmp-*``) count too.
         """
-        import fcntl
-
         out: list[tuple[Path, int]] = []
         if not self.root.is_dir():
             return out
-        for sd in sorted(p for p in self.root.iterdir() if p.is_dir()):
+        for sd in sorted(p for p in self.root.iterdir() if p.is_dir() and p.name[0] != "."):
+            out += output.stale(sd, include_resumable=True)
             for tmp in sorted(sd.glob(".tmp-*")):
-                if not tmp.is_dir():
-                    continue
-                try:
-                    fd = os.open(_lock_of(tmp), os.O_RDONLY)
-                except FileNotFoundError:
-                    fd = None  # the stage died before it could lock, or never locked
-                if fd is not None:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except OSError:
-                        continue  # a running stage holds it (or locks do not work here)
-                    finally:
-                        os.close(fd)
-                size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
-                out.append((tmp, size))
+                lock = tmp.with_name(tmp.name + ".lock")
+                if tmp.is_dir() and not output.is_held(lock):
+                    out.append((tmp, sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())))
         return out
 
     def remove_temp(self, tmp: Path) -> None:
         """Remove one folder listed by :meth:`stale_temps`, and its lock file."""
-        shutil.rmtree(tmp, ignore_errors=True)
-        _lock_of(tmp).unlink(missing_ok=True)
+        output.remove_stale(tmp)
+        tmp.with_name(tmp.name + ".lock").unlink(missing_ok=True)
 
-    def run(
-        self,
-        stage: str,
-        params: dict[str, Any],
-        inputs: list[InputRef],
-        fn: Callable[[Path], Any],
-        *,
-        seed: int | None = None,
-        rerun: bool = False,
-        volatile: tuple[str, ...] = (),
-        log: Callable[[str], None] = print,
-    ) -> StageResult:
-        """Run ``fn(output_dir)`` as version ``hash(stage, params, inputs, tli)`` unless cached.
+    def _inputs(self, inputs: list[InputRef]) -> dict[str, Any]:
+        return {
+            i.name: {"stage": i.stage, "version": i.version, "sha256": i.sha256,
+                     "path": _rel(i.path, self.root)}
+            for i in inputs
+        }  # fmt: skip
+
+    def _cached(self, stage: str, key: str, log: Callable[[str], None]) -> StageResult | None:
+        found = self.find(stage, key)
+        if found is None:
+            return None
+        m = json.loads((found / MANIFEST).read_text())
+        log(f"{stage}: cached {found.name} ({found})")
+        return StageResult(stage, found.name, found, m["output_sha256"], "cached")
+
+    def run(self, stage: str, params: dict[str, Any], inputs: list[InputRef],
+            execute: Callable[[Path], Any], *, code: str, seed: int | None = None,
+            rerun: bool = False, volatile: tuple[str, ...] = (),
+            resumable: output.Resumable | None = None, wait_s: float = 0.0,
+            extra: Callable[[], dict[str, Any]] | None = None,
+            log: Callable[[str], None] = print) -> StageResult:  # fmt: skip
+        """Run ``execute(output_dir)`` as version ``hash(stage, params, inputs, code)``.
+
+        Long because it is the store's one transaction, read top to bottom: cached? lock,
+        cached now? resume, execute, hash, reproduced or a new run number, manifest, rename.
 
         Args:
             stage: the stage name (the store's first level).
-            params: the stage's resolved config, JSON-serialisable.
+            params: what the stage's output depends on (its resolved config), JSON-able.
             inputs: its input artifacts.
-            fn: writes the stage's output into the folder it is given (which does not exist
-                yet; ``fn`` creates it, as every ``run_*`` function does).
+            execute: writes the stage's output into the (existing) folder it is given.
+            code: the hash of the code the stage runs (:func:`tli.provenance.code_hash`).
             seed: recorded in the manifest.
             rerun: recompute even when a complete version exists.
             volatile: glob patterns of output files left out of the content hash.
+            resumable: the stage's resume predicate on its output folder (train, tune): a
+                partial version it left when killed is resumed, not restarted.
+            wait_s: how long to wait for another process running the same version.
+            extra: more manifest entries, computed once the stage has run.
             log: where the one-line status goes.
 
         Returns:
             The :class:`StageResult`.
         """
-        key = version_key(stage, params, {i.name: i.sha256 for i in inputs})
-        existing = self.find(stage, key)
-        if existing is not None and not rerun:
-            m = json.loads((existing / MANIFEST).read_text())
-            log(f"{stage}: cached {existing.name} ({existing})")
-            return StageResult(stage, existing.name, existing, m["output_sha256"], "cached")
-
+        key = version_key(stage, params, {i.name: i.sha256 for i in inputs}, code)
+        if not rerun and (hit := self._cached(stage, key, log)):
+            return hit
+        target = self.stage_dir(stage) / key
+        pred = (lambda p: resumable(p / OUTPUT)) if resumable else None
         started, t0 = _now(), time.time()
-        with self._temp_version(stage, key) as tmp:
-            fn(tmp / OUTPUT)
-            if not (tmp / OUTPUT).exists():
-                raise RuntimeError(f"stage {stage} wrote no output")
-            files, content = hash_tree(tmp / OUTPUT, volatile)
+        with output.staged(target, exists_ok=True, resume=None, resumable=pred,
+                           wait_s=wait_s) as st:  # fmt: skip
+            if not rerun and (hit := self._cached(stage, key, log)):
+                st.abandon()  # another run finished it while this one waited
+                return hit
+            if st.resumed:
+                log(f"{stage}: resuming {key} ({st.resumed})")
+            (st.path / OUTPUT).mkdir(exist_ok=True)
+            execute(st.path / OUTPUT)
+            files, content = hash_tree(st.path / OUTPUT, volatile)
+            existing = self.find(stage, key)
             if existing is not None:
                 old = json.loads((existing / MANIFEST).read_text())
                 if old["output_sha256"] == content:
                     log(f"{stage}: rerun of {existing.name} gave identical output ({content[:12]})")
+                    st.abandon()
                     return StageResult(stage, existing.name, existing, content, "reproduced")
-                n = _run_number(existing.name, key) or 1
-                name = f"{key}-{n + 1}"
+                name = f"{key}-{(_run_number(existing.name, key) or 1) + 1}"
             else:
                 name = key
             manifest = {
@@ -445,20 +340,14 @@ class Store:
                 "stage": stage,
                 "version": name,
                 "key": key,
+                "code": code,
                 "rerun_of": existing.name if existing is not None else None,
                 "params": params,
-                "inputs": {
-                    i.name: {
-                        "stage": i.stage,
-                        "version": i.version,
-                        "sha256": i.sha256,
-                        "path": _rel(i.path, self.root),
-                    }
-                    for i in inputs
-                },
+                "inputs": self._inputs(inputs),
                 "seed": seed,
                 "packages": package_versions(),
                 "host": socket.gethostname(),
+                **(extra() if extra else {}),
                 "started": started,
                 "ended": _now(),
                 "seconds": round(time.time() - t0, 1),
@@ -466,25 +355,10 @@ class Store:
                 "volatile": list(volatile),
                 "files": files,
             }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            target = self.stage_dir(stage) / name
-            try:
-                tmp.rename(target)
-            except OSError:
-                # Another run finished the same version first: keep theirs (never rewrite).
-                found = self.find(stage, key)
-                if found is None:
-                    raise
-                m = json.loads((found / MANIFEST).read_text())
-                log(f"{stage}: cached {found.name} (finished by another run)")
-                return StageResult(stage, found.name, found, m["output_sha256"], "cached")
+            (st.path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            target = st.commit(self.stage_dir(stage) / name)
         log(f"{stage}: stored {name} ({target})")
         return StageResult(stage, name, target, content, "ran")
-
-
-def _lock_of(tmp: Path) -> Path:
-    """The lock file beside a temporary version folder (held while its stage runs)."""
-    return tmp.with_name(tmp.name + ".lock")
 
 
 def _rel(path: str, root: Path) -> str:

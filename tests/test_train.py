@@ -40,8 +40,9 @@ def ray_local():
         yield
 
 
-def _cfg(**kw) -> TrainConfig:
-    base = dict(seq_len=SEQ, batch_size=2, warmup=2, lr=3e-3, steps=4, heldout_blocks=4)
+def _cfg(every: int | None = None, **kw) -> TrainConfig:
+    base = dict(seq_len=SEQ, batch_size=2, warmup=2, lr=3e-3, steps=4,
+                validation={"blocks": 4, "every": every})  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
 
@@ -89,7 +90,7 @@ def test_loss_falls_over_30_steps_on_a_repetitive_corpus(tiny_model_dir, corpus)
 
     blocks = load_blocks(corpus, tiny_model_dir, SEQ, "train")
     model = load_causal_lm(tiny_model_dir)
-    cfg = _cfg(steps=30, lr=1e-2, warmup=3, freeze="none", batch_size=4, eval_every=10)
+    cfg = _cfg(steps=30, lr=1e-2, warmup=3, freeze="none", batch_size=4, every=10)
     hist = train_in_memory(model, blocks, cfg, val_blocks=blocks[:4])
     first = sum(m["loss"] for m in hist[:3]) / 3
     last = sum(m["loss"] for m in hist[-3:]) / 3
@@ -189,7 +190,7 @@ def test_two_workers_train_only_the_injected_layers(ray_local, tiny_injected_dir
 
     from tli.inject.plan import read_plan
 
-    cfg = _cfg(workers=2, steps=4, freeze="original", eval_every=2, checkpoint_every=2)
+    cfg = _cfg(workers=2, steps=4, freeze="original", every=2, checkpoint_every=2)
     out = run_train(tiny_injected_dir, tmp_path / "out", corpus, cfg,
                     runtime=Runtime(threads=1, report_every=1))  # fmt: skip
     model_out = out / "model"
@@ -230,14 +231,14 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(
     from tli.data.blocks import load_blocks
     from tli.modelfolder import load_causal_lm
 
-    cfg = _cfg(workers=1, steps=6, freeze="none", checkpoint_every=2, eval_every=3)
+    cfg = _cfg(workers=1, steps=6, freeze="none", checkpoint_every=2, every=3)
     # The uninterrupted reference: the plain in-process loop, same threads as the worker.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         ref = load_causal_lm(tiny_injected_dir)
         blocks = load_blocks(corpus, tiny_injected_dir, SEQ, "train")
-        ref_hist = train_in_memory(ref, blocks, cfg.model_copy(update={"eval_every": None}))
+        ref_hist = train_in_memory(ref, blocks, cfg.model_copy(update={"validation": cfg.validation.model_copy(update={"every": None})}))
     finally:
         torch.set_num_threads(threads)
 

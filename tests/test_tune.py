@@ -34,8 +34,9 @@ def ray_tune():
         yield
 
 
-def _cfg(**tune) -> RunConfig:
-    t = dict(intervals=[1, 2, 4], steps=4, eval_every=2, heldout_blocks=4, concurrency=2)
+def _cfg(steps: int = 4, **tune) -> RunConfig:
+    t = dict(intervals=[1, 2, 4], trial={"steps": steps, "validation": {"blocks": 4, "every": 2}},
+             concurrency=2)  # fmt: skip
     t.update(tune)
     return RunConfig.model_validate(
         {"train": {"seq_len": SEQ, "batch_size": 2, "warmup": 1, "lr": 3e-3}, "tune": t}

@@ -60,19 +60,40 @@ class InjectConfig(Section):
 
 
 class DataConfig(Section):
-    """The training corpus and how it is cut into blocks."""
+    """The training corpus: its sources and how documents are split (blocks are cut by the
+    stages that read them, each at its own sequence length)."""
 
     sources: list[str] = Field(
         ["wiki", "shakespeare"], description="bundled corpora to use (wiki, shakespeare)"
     )
     extra: list[str] = Field([], description="extra local text / jsonl / parquet files")
     dataset: str | None = Field(None, description="an HF datasets name (needs network)")
-    seq_len: int = Field(256, ge=8, description="tokens per packed block")
     val_fraction: float = Field(0.02, gt=0, lt=0.5, description="share of documents for validation")
     heldout_fraction: float = Field(
         0.02, gt=0, lt=0.5, description="share of documents for held-out loss"
     )
-    seed: int = Field(0, description="seed of the deterministic split")
+    split_seed: int = Field(0, description="seed of the deterministic split")
+
+
+class SplitBlocks(Section):
+    """How many blocks of one corpus split a loss is measured on (the first N, always the same)."""
+
+    blocks: int = Field(64, ge=1, description="blocks of the split (the first N: always the same)")
+
+
+class Validation(SplitBlocks):
+    """The loss on the validation split while training: how many blocks, and how often."""
+
+    every: int | None = Field(
+        None, ge=1, description="steps between validation losses; None = only at the end"
+    )
+
+
+class Heldout(SplitBlocks):
+    """The loss on the held-out split in an evaluation (never used for any choice)."""
+
+    seq_len: int = Field(256, ge=8, description="tokens per held-out block")
+    bf16: bool = Field(True, description="bf16 autocast forward where supported (loss in fp32)")
 
 
 class TrainConfig(Section):
@@ -98,13 +119,30 @@ class TrainConfig(Section):
     seed: int = Field(0, description="seed for init, data order and dropout")
     bf16: bool = Field(True, description="bf16 autocast where the device supports it")
     grad_checkpointing: bool = Field(False, description="recompute activations in backward")
-    checkpoint_every: int | None = Field(None, ge=1, description="steps between checkpoints")
-    eval_every: int | None = Field(None, ge=1, description="steps between held-out evals")
-    heldout_blocks: int = Field(64, ge=1, description="held-out blocks per evaluation")
+    checkpoint_every: int | None = Field(
+        None,
+        ge=1,
+        description="steps between checkpoints (resume is exact, so not in the version)",
+        json_schema_extra={"versioned": False},
+    )
+    validation: Validation = Field(Validation(), description="validation loss during training")
+
+
+class TrialConfig(Section):
+    """What a Tune trial changes in the train section: its budget and validation cadence."""
+
+    steps: int = Field(20, ge=1, description="max training steps per trial")
+    validation: Validation = Field(
+        Validation(blocks=32, every=5),
+        description="validation loss per trial: the objective; its cadence is ASHA's rungs",
+    )
 
 
 class TuneConfig(Section):
-    """Ray Tune search over the injection and training hyperparameters."""
+    """Ray Tune search over the injection and training hyperparameters.
+
+    Each trial trains with the ``train`` section, overridden by ``trial``.
+    """
 
     intervals: list[int] = Field([5, 10, 15], description="injection intervals K to try")
     inits: list[Literal["identity", "copy", "interpolate"]] = Field(
@@ -114,20 +152,14 @@ class TuneConfig(Section):
         None, description="output-projection scales to try; None = each init's own"
     )
     lrs: list[float] | None = Field(None, description="learning rates to try; None = train.lr")
-    steps: int = Field(20, ge=1, description="max training steps per trial")
     concurrency: int = Field(1, ge=1, description="trials at once")
     asha: bool = Field(True, description="stop poor trials early with ASHA")
-    eval_every: int = Field(
-        5, ge=1, description="steps between validation-loss reports (ASHA's rungs)"
-    )
-    heldout_blocks: int = Field(
-        32, ge=1, description="validation-split blocks per report (the objective)"
-    )
     objective: Literal["loss", "loss_at_equal_compute"] = Field(
         "loss",
         description="what the search minimises: validation loss, or the same with each "
         "trial's steps cut by its parameter count relative to the smallest trial's",
     )
+    trial: TrialConfig = Field(TrialConfig(), description="what each trial changes in train")
 
 
 class EvalConfig(Section):
@@ -141,10 +173,9 @@ class EvalConfig(Section):
         "auto", description="lm-eval batch size; auto = 16 on CPU, lm-eval's search on GPU"
     )
     num_fewshot: int | None = Field(None, ge=0, description="few-shot examples")
-    heldout_loss: bool = Field(True, description="report held-out loss when data is given")
-    heldout_blocks: int = Field(64, ge=1, description="held-out blocks")
-    seq_len: int = Field(256, ge=8, description="tokens per held-out block")
-    bf16: bool = Field(True, description="held-out loss in bf16 autocast where supported")
+    heldout: Heldout | None = Field(
+        Heldout(), description="held-out loss when data is given; None = none"
+    )
 
     @field_validator("batch_size")
     @classmethod
@@ -152,12 +183,6 @@ class EvalConfig(Section):
         if isinstance(v, int) and v < 1:
             raise ValueError("must be at least 1 or 'auto'")
         return v
-
-
-class PipelineConfig(Section):
-    """How the pipeline runs (what is recorded in the store's versions is per stage)."""
-
-    store: str = Field("runs", description="stage store folder")
 
 
 class RunConfig(Section):
@@ -169,13 +194,22 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = TuneConfig()
     eval: EvalConfig = EvalConfig()
-    pipeline: PipelineConfig = PipelineConfig()
 
     @field_validator("*", mode="before")
     @classmethod
     def _none_is_default(cls, v: Any) -> Any:
         # An empty section in YAML ("train:") parses as None: treat it as "all defaults".
         return {} if v is None else v
+
+
+def versioned(section: BaseModel) -> dict[str, Any]:
+    """A section as JSON without the fields that change no output (they stay out of versions)."""
+    out = section.model_dump(mode="json")
+    for name, field in type(section).model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get("versioned") is False:
+            out.pop(name, None)
+    return out
 
 
 SECTIONS: dict[str, type[Section]] = {

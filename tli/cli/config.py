@@ -26,19 +26,29 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def show_text(resolved, section: str | None = None) -> str:
     """The YAML of a resolved config with ``# origin`` on every line that has a value."""
-    import yaml
-
     data = resolved.config.model_dump(mode="json")
-    lines = []
+    lines: list[str] = []
     for name, fields in data.items():
         if section and name != section:
             continue
         lines.append(f"{name}:")
-        for key, value in fields.items():
-            text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
-            text = text.removesuffix("\n...").removesuffix("...").strip()
-            lines.append(f"  {f'{key}: {text}':<44} # {resolved.origin(f'{name}.{key}')}")
+        _lines(fields, name, 1, resolved, lines)
     return "\n".join(lines)
+
+
+def _lines(fields: dict, at: str, depth: int, resolved, lines: list[str]) -> None:
+    import yaml
+
+    pad = "  " * depth
+    for key, value in fields.items():
+        where = f"{at}.{key}"
+        if isinstance(value, dict) and value:
+            lines.append(f"{pad}{key}:")
+            _lines(value, where, depth + 1, resolved, lines)
+            continue
+        text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+        text = text.removesuffix("\n...").removesuffix("...").strip()
+        lines.append(f"{f'{pad}{key}: {text}':<46} # {resolved.origin(where)}")
 
 
 def _show(args: argparse.Namespace) -> int:

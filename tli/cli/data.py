@@ -67,14 +67,11 @@ def _print_summary(out) -> None:
 
     m = read_manifest(out)
     print(f"corpus written to {out}")
-    seq = m["config"]["seq_len"]
-    print(f"{'split':<11} {'documents':>10} {'characters':>12} {'tokens':>10} {'blocks':>7}")
+    print(f"{'split':<11} {'documents':>10} {'characters':>12} {'tokens':>10}")
     for name, s in m["splits"].items():
-        print(
-            f"{name:<11} {s['documents']:>10,} {s['characters']:>12,} {s['tokens']:>10,} "
-            f"{s['blocks']:>7,}"
-        )
-    print(f"blocks of {seq} tokens (data.seq_len); training and evaluation pack their own length")
+        print(f"{name:<11} {s['documents']:>10,} {s['characters']:>12,} {s['tokens']:>10,}")
+    tok = m["tokenizer"]["name"]
+    print(f"tokens of {tok}'s tokenizer; training and evaluation cut their own blocks")
     for s in m["sources"]:
         print(
             f"source {s['name']}: {s['documents']:,} documents "

@@ -89,11 +89,15 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _add_field(group: Any, dest: str, name: str, field: Any) -> None:
+_FROM_FIELD = object()
+
+
+def _add_field(group: Any, dest: str, name: str, field: Any, default: Any = _FROM_FIELD) -> None:
     """One flag for one pydantic field (booleans as --x/--no-x, lists as A,B,...)."""
     flag = "--" + name.replace("_", "-")
     tp = _strip_none(field.annotation)
-    shown = "none" if field.default is None else field.default
+    default = field.default if default is _FROM_FIELD else default
+    shown = "none" if default is None else default
     if isinstance(shown, list):
         shown = ",".join(str(x) for x in shown) or "none"
     help_ = f"{field.description or ''} (default: {shown})"
@@ -113,6 +117,36 @@ def _add_field(group: Any, dest: str, name: str, field: Any) -> None:
                            metavar=None if choices else name.upper(), **kw)  # fmt: skip
 
 
+def _sub_model(field: Any) -> type[Section] | None:
+    tp = _strip_none(field.annotation)
+    return tp if isinstance(tp, type) and issubclass(tp, Section) else None
+
+
+def _add_fields(
+    group: Any, section: str, cls: type[Section], prefix: str, skip: Any, defaults: Any = None
+) -> None:
+    for name, field in cls.model_fields.items():
+        key = f"{prefix}{name}"
+        if skip(key):
+            continue
+        default = getattr(defaults, name) if defaults is not None else field.default
+        sub = _sub_model(field)
+        if sub is None:
+            _add_field(group, f"{section}{_SEP}{key}", key.replace(".", "_"), field, default)
+            continue
+        # A nested part (train.validation): its fields as --validation-blocks, ...
+        _add_fields(group, section, sub, f"{key}.", skip, default)
+        if type(None) in typing.get_args(field.annotation):  # optional: --no-heldout = None
+            group.add_argument(
+                "--no-" + key.replace(".", "-").replace("_", "-"),
+                dest=f"{section}{_SEP}{key}",
+                action="store_const",
+                const=None,
+                default=argparse.SUPPRESS,
+                help=f"none at all ({key}: {field.description})",
+            )
+
+
 def add_section_flags(
     parser: argparse.ArgumentParser,
     section: str,
@@ -120,12 +154,16 @@ def add_section_flags(
     only: list[str] | None = None,
     exclude: tuple[str, ...] = (),
 ) -> None:
-    """Add one flag per field of config section ``section`` (``--seq-len`` for ``seq_len``)."""
+    """One flag per field of config section ``section`` (``--seq-len`` for ``seq_len``);
+    nested parts flattened (``--validation-every`` for ``train.validation.every``)."""
     cls: type[Section] = RunConfig.model_fields[section].annotation  # type: ignore[assignment]
     group = parser.add_argument_group(f"{section} options (config section '{section}')")
-    for name, field in cls.model_fields.items():
-        if (only is None or name in only) and name not in exclude:
-            _add_field(group, f"{section}{_SEP}{name}", name, field)
+
+    def skip(key: str) -> bool:
+        top = key.split(".")[0]
+        return (only is not None and top not in only) or top in exclude or key in exclude
+
+    _add_fields(group, section, cls, "", skip)
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
@@ -169,7 +207,8 @@ def resolve_args(args: argparse.Namespace) -> Resolved:
     overrides: list[Any] = list(getattr(args, "overrides", []))
     for section in RunConfig.model_fields:
         for name, value in given_flags(args, section).items():
-            overrides.append(((section, name), value, "--" + name.replace("_", "-")))
+            flag = "--" + name.replace(".", "-").replace("_", "-")
+            overrides.append(((section, *name.split(".")), value, flag))
     return resolve(getattr(args, "preset", None), getattr(args, "config", []) or [], overrides)
 
 

@@ -139,13 +139,10 @@ def _compile(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tli.cli.flags import given_flags, runtime_of
+    from tli.cli.flags import runtime_of
 
     cfg, rerun = check_run_inputs(args)
-    runtime = runtime_of(args)
-    if "store" not in given_flags(args, "runtime"):
-        runtime = runtime.model_copy(update={"store": cfg.pipeline.store})
-    return run_checked(cfg, rerun, runtime)
+    return run_checked(cfg, rerun, runtime_of(args))
 
 
 def run_checked(cfg: RunConfig, rerun: list[str], runtime: Runtime) -> int:

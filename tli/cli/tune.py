@@ -6,9 +6,9 @@ import argparse
 
 from tli.errors import TliError
 
-# Train fields that the tune section sets per trial (or that do not apply to a search): their
-# flags would clash with tune's own --steps/--eval-every/--heldout-blocks or do nothing.
-_TRAIN_FLAGS_EXCLUDED = ("steps", "eval_every", "heldout_blocks", "checkpoint_every")
+# Train fields that tune.trial sets per trial (or that do not apply to a search): their flags
+# would do nothing (the trial's are --trial-steps, --trial-validation-blocks, ...).
+_TRAIN_FLAGS_EXCLUDED = ("steps", "validation", "checkpoint_every")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,10 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Each trial upscales the base in memory with one point of the grid "
             "intervals x inits x alphas x lrs, continues pretraining it with the training "
-            "code of `tli train` for up to --steps steps, and reports the validation loss "
-            "every --eval-every steps; ASHA stops poor trials early. Writes OUT/trials.csv, "
-            "OUT/best.yaml (for `tli inject --config` and `tli train --config`), OUT/tune.png, "
-            "OUT/tli_tune.json and Ray Tune's experiment folder OUT/ray."
+            "code of `tli train` for up to --trial-steps steps, and reports the validation "
+            "loss every --trial-validation-every steps; ASHA stops poor trials early. Writes "
+            "OUT/trials.csv, OUT/best.yaml (for `tli inject --config` and `tli train "
+            "--config`), OUT/tune.png, OUT/tli_tune.json and Ray Tune's experiment folder "
+            "OUT/ray."
         ),
     )
     p.add_argument(

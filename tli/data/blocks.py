@@ -168,7 +168,7 @@ def _split_texts(data: Path | list[Path], split: str) -> tuple[list[str], str]:
     docs, _ = collect_docs(cfg)
     texts = [d.text for d in split_docs(docs, cfg)[split]]
     h = hashlib.sha256(
-        f"{split}\x00{cfg.seed}\x00{cfg.val_fraction}\x00{cfg.heldout_fraction}".encode()
+        f"{split}\x00{cfg.split_seed}\x00{cfg.val_fraction}\x00{cfg.heldout_fraction}".encode()
     )
     for t in texts:  # the texts themselves: an HF dataset has no file to hash
         h.update(hashlib.sha256(t.encode()).digest())

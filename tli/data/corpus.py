@@ -262,5 +262,5 @@ def split_docs(docs: Iterable[Doc], cfg: DataConfig) -> dict[str, list[Doc]]:
     """Documents grouped by split (order kept within each split)."""
     out: dict[str, list[Doc]] = {s: [] for s in SPLITS}
     for d in docs:
-        out[split_of(d.text, cfg.seed, cfg.val_fraction, cfg.heldout_fraction)].append(d)
+        out[split_of(d.text, cfg.split_seed, cfg.val_fraction, cfg.heldout_fraction)].append(d)
     return out

@@ -95,7 +95,6 @@ def execute(job: DataJob, out: Path) -> None:
     (out / MANIFEST).write_text("{}")  # so load_token_stream accepts the folder
     for s in SPLITS:
         splits[s]["tokens"] = int(load_token_stream(out, job.tokenizer_dir, s).numel())
-        splits[s]["blocks"] = splits[s]["tokens"] // job.cfg.seq_len  # of data.seq_len tokens
     manifest = {
         "format": CORPUS_FORMAT,
         "config": job.cfg.model_dump(mode="json"),

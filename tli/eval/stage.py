@@ -53,8 +53,8 @@ class EvalJob:
             "model": str(self.model.path),
             "tasks": {"offline": list(self.offline), "passthrough": list(self.passthrough)},
             "limit": self.cfg.limit,
-            "heldout": {"blocks": self.heldout_blocks, "seq_len": self.cfg.seq_len}
-            if self.heldout_blocks
+            "heldout": {"blocks": self.heldout_blocks, "seq_len": self.cfg.heldout.seq_len}
+            if self.heldout_blocks and self.cfg.heldout
             else None,
             "device": self.device,
             "batch_size": self.batch,
@@ -73,13 +73,13 @@ def prepare(cfg: EvalConfig, inputs: dict[str, Path], runtime: Runtime) -> EvalJ
     offline, passthrough = resolve_tasks(list(cfg.tasks))
     if offline:
         check_eval_data()
-    data = inputs.get("data") if cfg.heldout_loss else None
+    data = inputs.get("data") if cfg.heldout is not None else None
     n_blocks = 0
-    if data is not None:
+    if data is not None and cfg.heldout is not None:
         from tli.data.blocks import load_blocks
 
-        n_blocks = min(cfg.heldout_blocks, load_blocks(data, model.path, cfg.seq_len, "heldout")
-                       .shape[0])  # fmt: skip
+        split = load_blocks(data, model.path, cfg.heldout.seq_len, "heldout")  # [n, T]
+        n_blocks = min(cfg.heldout.blocks, split.shape[0])
     if not cfg.tasks and not n_blocks:
         raise TliError("nothing to evaluate: give --tasks and/or --heldout DATA")
     device = runtime.device or default_device()
@@ -123,11 +123,13 @@ def _heldout(job: EvalJob, model: Any, out: Path) -> dict[str, Any]:
     from tli.data.blocks import load_blocks, token_byte_lengths
     from tli.eval.heldout import heldout_loss
 
-    blocks = load_blocks(job.heldout_data, job.model.path, job.cfg.seq_len, "heldout")
+    cfg = job.cfg.heldout
+    assert cfg is not None
+    blocks = load_blocks(job.heldout_data, job.model.path, cfg.seq_len, "heldout")
     blocks = blocks[: job.heldout_blocks]  # [n, seq_len]: the first n, always the same
     tb = token_byte_lengths(job.model.path)
-    heldout = heldout_loss(model, blocks, bf16=job.cfg.bf16, token_bytes=tb, progress=True)
-    heldout["seq_len"] = job.cfg.seq_len
+    heldout = heldout_loss(model, blocks, bf16=cfg.bf16, token_bytes=tb, progress=True)
+    heldout["seq_len"] = cfg.seq_len
     (out / HELDOUT_FILE).write_text(json.dumps(heldout, indent=2) + "\n")
     return heldout
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tli.config import InjectConfig, RunConfig, Runtime, TrainConfig, read_yaml
+from tli.config import InjectConfig, RunConfig, Runtime, TrainConfig, read_yaml, versioned
 from tli.errors import TliError
 from tli.provenance import code_hash
 
@@ -61,9 +61,10 @@ class Stage:
         return resolved
 
     def params(self, cfg: RunConfig, inputs: dict[str, Path]) -> dict[str, Any]:
-        """The resolved config this stage runs with (what its version hashes)."""
+        """The resolved config this stage runs with, less what changes no output: what its
+        version hashes."""
         resolved = resolved_config(self.name, cfg, inputs)
-        out = {s: getattr(resolved, s).model_dump(mode="json") for s in self.sections}
+        out = {s: versioned(getattr(resolved, s)) for s in self.sections}
         if self.external:
             # The external inputs' content is what counts (hashed as inputs), not their path.
             out = {s: {k: "(content: input source)" if v is not None else None
@@ -109,7 +110,7 @@ def resolved_config(stage: str, cfg: RunConfig, inputs: dict[str, Path]) -> RunC
 
     The inject section is the winner's as a whole (interval, init, alpha are what Tune chose);
     of the train section only the learning rate is taken, and only when Tune searched it: steps,
-    batch size etc. stay those of the run (a trial's steps are ``tune.steps``, not ``train.steps``).
+    batch size etc. stay those of the run (a trial's steps are ``tune.trial.steps``).
     """
     tune_out = inputs.get("tune")
     if tune_out is None or stage not in ("inject", "train"):
@@ -128,7 +129,7 @@ STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage("import-base", "tli.base", ("base",), (), external=True),
-        Stage("data", "tli.data.stage", ("data",), ("base",), seed_of=("data", "seed")),
+        Stage("data", "tli.data.stage", ("data",), ("base",), seed_of=("data", "split_seed")),
         Stage(
             "tune",
             "tli.tune.stage",

@@ -58,9 +58,10 @@ def training_blocks(data: Any, tokenizer_dir: Path, cfg: TrainConfig) -> torch.T
 
 
 def validation_blocks(
-    data: Any, tokenizer_dir: Path, cfg: TrainConfig, blocks: int, *, required: bool
+    data: Any, tokenizer_dir: Path, cfg: TrainConfig, *, required: bool
 ) -> torch.Tensor | None:
-    """The first ``blocks`` validation blocks, a multiple of the workers (each gets a share).
+    """The first ``cfg.validation.blocks`` validation blocks, a multiple of the workers (each
+    gets a share).
 
     Args:
         required: a search needs them (its objective): none is an error. Training can go
@@ -75,7 +76,7 @@ def validation_blocks(
             raise
         print(f"note: no held-out loss during training ({e})", file=sys.stderr)
         return None
-    n = min(blocks, val.shape[0]) // cfg.workers * cfg.workers
+    n = min(cfg.validation.blocks, val.shape[0]) // cfg.workers * cfg.workers
     if n == 0:
         if required:
             raise TliError(

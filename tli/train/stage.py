@@ -98,8 +98,7 @@ def execute(job: TrainJob, out: Path) -> None:
     if latest is not None:
         _check_same_config(latest, job.cfg)
     train_blocks = training_blocks(job.data, job.model.path, job.cfg)  # [n, T]
-    val_blocks = validation_blocks(job.data, job.model.path, job.cfg, job.cfg.heldout_blocks,
-                                   required=False)  # fmt: skip
+    val_blocks = validation_blocks(job.data, job.model.path, job.cfg, required=False)
     rt = job.runtime
     t_start = time.perf_counter()
     local = rayenv.will_start_local(rt.ray_address)

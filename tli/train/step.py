@@ -527,7 +527,8 @@ def _fmt_s(s: float) -> str:
 
 
 def eval_due(step: int, cfg: TrainConfig) -> bool:
-    return step == cfg.steps or (cfg.eval_every is not None and step % cfg.eval_every == 0)
+    every = cfg.validation.every
+    return step == cfg.steps or (every is not None and step % every == 0)
 
 
 def train_in_memory(
@@ -555,7 +556,8 @@ def train_in_memory(
         cfg: the training config (``workers``, checkpoints and ``gpu`` placement do not apply).
         report: called with each step's metrics dict (step, loss, lr, grad_norm, tokens,
             tokens_per_s, mfu, elapsed, and val_loss on evaluation steps).
-        val_blocks: blocks for the held-out loss every ``cfg.eval_every`` steps and at the end.
+        val_blocks: blocks for the validation loss every ``cfg.validation.every`` steps and at
+            the end.
         new_layers: decoder layers trained under the ``original`` freeze policy.
         device: where to train; None = cuda if ``cfg.gpu`` else cpu.
         peak_flops: peak FLOP/s of the device, for MFU.

@@ -104,25 +104,30 @@ def search_points(cfg: RunConfig, num_layers: int, layer_params: int, base_param
     points = []
     for k, init, alpha, lr in itertools.product(intervals, inits, alphas, lrs):
         ratio = total[k] / smallest
-        steps = t.steps
+        steps = t.trial.steps
         if t.objective == "loss_at_equal_compute":
             # A deeper model costs more per step: it gets fewer steps for the same compute.
-            steps = max(1, round(t.steps / ratio))
+            steps = max(1, round(t.trial.steps / ratio))
         points.append(SearchPoint(k, init, alpha, float(lr), steps, ratio))
     return points
 
 
 def trial_train_config(cfg: RunConfig, point: SearchPoint) -> TrainConfig:
-    """The ``train`` section a trial runs with: the user's, with the point's lr and budget."""
+    """The ``train`` section a trial runs with: the user's, with ``tune.trial`` laid over it and
+    the point's lr and budget."""
     return cfg.train.model_copy(
         update={
             "lr": point.lr,
             "steps": point.steps,
-            "eval_every": cfg.tune.eval_every,
-            "heldout_blocks": cfg.tune.heldout_blocks,
+            "validation": cfg.tune.trial.validation,
             "checkpoint_every": None,  # only the final checkpoint (Ray Train needs one)
         }
     )
+
+
+def trial_cfg(cfg: RunConfig) -> TrainConfig:
+    """The train section every trial shares (its validation split's blocks and cadence)."""
+    return cfg.train.model_copy(update={"validation": cfg.tune.trial.validation})
 
 
 def best_run_config(cfg: RunConfig, point: SearchPoint) -> RunConfig:

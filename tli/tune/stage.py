@@ -5,8 +5,8 @@ run by :func:`tli.tune.trial.trial_driver`. The base is read from disk once, by
 :func:`execute`, and its state dict put in Ray's object store; each trial's workers build the
 upscaled model in memory from it, so nothing is re-read or written per trial. The objective is
 the loss on the corpus's ``validation`` split (never a benchmark test set; the ``heldout`` split
-stays untouched for the final evaluation), reported every ``tune.eval_every`` steps so ASHA can
-stop poor trials early.
+stays untouched for the final evaluation), reported every ``tune.trial.validation.every`` steps
+so ASHA can stop poor trials early.
 
 Output: ``trials.csv``, ``best.yaml`` (a whole run config accepted by ``tli inject --config``
 and ``tli train --config``), ``tune.png``, ``tli_tune.json`` (inputs, resolved config, versions,
@@ -32,7 +32,13 @@ from tli.output import partial_of, precheck, staged
 from tli.provenance import header_fingerprint, package_versions
 from tli.train.inputs import check_context, training_blocks, validation_blocks
 from tli.tune.results import collect_trials, print_summary, write_plot, write_trials_csv
-from tli.tune.space import SearchPoint, best_run_config, search_points, validate_search
+from tli.tune.space import (
+    SearchPoint,
+    best_run_config,
+    search_points,
+    trial_cfg,
+    validate_search,
+)
 from tli.tune.trial import METRIC, stop_nonfinite, trial_driver, trial_name
 
 EXPERIMENT = "ray"  # Ray Tune's experiment folder inside the output
@@ -117,7 +123,7 @@ def prepare(cfg: RunConfig, inputs: dict[str, Any], runtime: Runtime) -> TuneJob
     data = inputs["data"]
     paths = [Path(p) for p in (data if isinstance(data, list | tuple) else [data])]
     training_blocks(paths, base.path, cfg.train)
-    validation_blocks(paths, base.path, cfg.train, cfg.tune.heldout_blocks, required=True)
+    validation_blocks(paths, base.path, trial_cfg(cfg), required=True)
     layer_params, base_params = _counts(base)
     points = search_points(cfg, base.num_layers, layer_params, base_params)
     if cfg.train.warmup >= min(p.steps for p in points):
@@ -180,8 +186,8 @@ def _search(job: TuneJob, out: Path, resume: bool) -> Any:
         shared = {
             "base": ray.put({"config": model.config.to_dict(), "state": state}),
             "train_blocks": ray.put(training_blocks(job.data, job.base.path, cfg.train)),
-            "val_blocks": ray.put(validation_blocks(job.data, job.base.path, cfg.train,
-                                                    cfg.tune.heldout_blocks, required=True)),
+            "val_blocks": ray.put(validation_blocks(job.data, job.base.path, trial_cfg(cfg),
+                                                    required=True)),
             "run_config": cfg.model_dump(mode="json"),
             "num_layers": job.base.num_layers,
             "plan": plan,
@@ -276,8 +282,8 @@ def _scheduler(cfg: RunConfig) -> Any:
 
     # Equal compute: a deeper model's steps count for more, so rungs compare equal compute.
     time_attr = "compute" if cfg.tune.objective == "loss_at_equal_compute" else "step"
-    max_t = cfg.tune.steps
-    grace = min(cfg.tune.eval_every, max_t)
+    max_t = cfg.tune.trial.steps
+    grace = min(cfg.tune.trial.validation.every or max_t, max_t)
     return ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=grace, reduction_factor=2)
 
 

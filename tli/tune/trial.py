@@ -111,7 +111,7 @@ def trial_driver(config: dict[str, Any], shared: dict[str, Any]) -> None:
         "val_blocks": shared["val_blocks"],
         "new_layers": list(plan.new_layers),
         "threads": shared["plan"].threads,
-        "report_every": run.tune.eval_every,
+        "report_every": run.tune.trial.validation.every or point.steps,
     }
     storage = Path(shared["train_storage"])
     trainer = make_trainer(loop_config, train, shared["plan"], storage=storage, name=name,

@@ -10,6 +10,10 @@ Runs the same per-step code as ``tli train`` (:class:`tli.train.step.StepRunner`
   1.24B parameters, trained fully.
 
 bf16 autocast with fp32 master weights, fused AdamW, SDPA attention. Random tokens (speed only).
+With ``--fsdp`` each shape also runs the FSDP path of ``tli train --fsdp``: a one-rank process
+group (NCCL), the model saved once and built on the meta device, each parameter read into its
+FSDP2 shard (:mod:`tli.train.shard`), FSDP2's mixed precision (bf16 compute, fp32 gradient
+reduction and master weights) instead of autocast.
 Reports steady-state tokens/s (median over the steps after ``--skip``) and MFU = model FLOPs per
 token (6N + 12 L d T, trainable-aware, see :func:`tli.train.step.flops_per_token`) x tokens/s / peak
 bf16 FLOP/s (detected for known GPUs, or ``--peak-tflops``).
@@ -18,6 +22,7 @@ Usage::
 
     python benchmarks/gpu_train.py                      # both shapes, eager
     python benchmarks/gpu_train.py --compile            # torch.compile as well
+    python benchmarks/gpu_train.py --fsdp               # + the FSDP path (sharded loading)
     python benchmarks/gpu_train.py --tiny               # CPU smoke run of the script itself
 """
 
@@ -83,13 +88,46 @@ def build(name: str, device, tiny: bool):
         return LlamaForCausalLM(llama1b_config(tiny)), None
 
 
-def run_one(name, freeze, args, device, peak) -> dict:
+def fsdp_model(model, work):
+    """The FSDP path's start: ``model`` saved, then a meta-device skeleton and its row source."""
+    from tli.modelfolder import read_config
+    from tli.train.shard import FolderWeights, skeleton
+
+    folder = Path(work) / "model"
+    model.to("cpu").save_pretrained(folder)
+    return skeleton(read_config(folder)), FolderWeights(folder)
+
+
+def one_rank_group(device: str):
+    """A process group of one rank (NCCL on a GPU), as Ray Train sets one up per worker."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def run_one(name, freeze, args, device, peak, fsdp=False) -> dict:
+    import tempfile
+
     import torch
+    import torch.distributed as dist
 
     from tli.config import TrainConfig
     from tli.train.step import train_in_memory
 
     model, new_layers = build(name, device, args.tiny)
+    weights, work = None, None
+    if fsdp:
+        work = tempfile.TemporaryDirectory(prefix="tli-gpu-fsdp-")
+        model, weights = fsdp_model(model, work.name)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        one_rank_group(device)
     n_params = sum(p.numel() for p in model.parameters())
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -98,13 +136,19 @@ def run_one(name, freeze, args, device, peak) -> dict:
     cfg = TrainConfig(
         steps=args.steps, workers=1, gpu=device == "cuda", freeze=freeze, lr=3e-4, warmup=2,
         seq_len=args.seq_len, batch_size=args.batch_size, bf16=True,
-        grad_checkpointing=args.grad_checkpointing,
+        grad_checkpointing=args.grad_checkpointing, fsdp=fsdp,
     )  # fmt: skip
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    hist = train_in_memory(model, blocks, cfg, new_layers=new_layers, device=device,
-                           peak_flops=peak, compile=args.compile)  # fmt: skip
+    try:
+        hist = train_in_memory(model, blocks, cfg, new_layers=new_layers, device=device,
+                               peak_flops=peak, compile=args.compile, weights=weights,
+                               distributed=fsdp)  # fmt: skip
+    finally:
+        if fsdp:
+            dist.destroy_process_group()
+            work.cleanup()
     wall = time.perf_counter() - t0
     steady = hist[args.skip :]
     # Rate over the steady steps from wall-clock stamps (includes any loop overhead).
@@ -116,6 +160,7 @@ def run_one(name, freeze, args, device, peak) -> dict:
     row = {
         "model": name,
         "freeze": freeze,
+        "fsdp": fsdp,
         "compile": args.compile,
         "params": n_params,
         "trainable": trainable,
@@ -145,6 +190,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--fsdp", action="store_true", help="also run the FSDP path (sharded load)")
     ap.add_argument("--peak-tflops", type=float, help="peak bf16 TFLOP/s (default: detected)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU: test the script")
     ap.add_argument("--out", help="write the results as JSON here")
@@ -172,14 +218,16 @@ def main() -> int:
     for name in args.models.split(","):
         freezes = ["none", "original"] if name == "smollm2-36" else ["none"]
         for freeze in freezes:
-            try:
-                row = run_one(name, freeze, args, device, peak)
-            except torch.OutOfMemoryError as e:  # report and go on with the next shape
-                row = {"model": name, "freeze": freeze, "error": str(e).splitlines()[0]}
-                gc.collect()
-                torch.cuda.empty_cache()
-            runs.append(row)
-            print(json.dumps(row), flush=True)
+            for fsdp in [False, True] if args.fsdp else [False]:
+                try:
+                    row = run_one(name, freeze, args, device, peak, fsdp=fsdp)
+                except torch.OutOfMemoryError as e:  # report and go on with the next shape
+                    row = {"model": name, "freeze": freeze, "fsdp": fsdp,
+                           "error": str(e).splitlines()[0]}  # fmt: skip
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                runs.append(row)
+                print(json.dumps(row), flush=True)
     print()
     print("| model | trained | params | seq x batch | tokens/s | MFU | peak mem | loss |")
     print("|---|---|---|---|---|---|---|---|")
@@ -190,7 +238,8 @@ def main() -> int:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         mem = f"{r['peak_mem_gib']:.1f} GiB" if r["peak_mem_gib"] is not None else ""
         print(
-            f"| {r['model']}{' (compiled)' if r['compile'] else ''} | "
+            f"| {r['model']}{' (compiled)' if r['compile'] else ''}"
+            f"{' FSDP2, sharded load' if r.get('fsdp') else ''} | "
             f"{'all' if r['freeze'] == 'none' else 'injected only'} | "
             f"{r['params'] / 1e6:,.0f}M ({r['trainable'] / 1e6:,.0f}M trained) | "
             f"{r['seq_len']} x {r['batch_size']} | {r['tokens_per_s']:,.0f} | {mfu} | {mem} | "

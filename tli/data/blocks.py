@@ -49,7 +49,7 @@ def load_tokenizer(tokenizer_dir: Path):
     load_tokenizer_check(Path(tokenizer_dir))
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
 
 
 def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
@@ -93,6 +93,7 @@ def token_byte_lengths(tokenizer_dir: Path) -> torch.Tensor:
 
     fp = tokenizer_fingerprint(tokenizer_dir)
     return torch.tensor(_token_bytes_cached(str(Path(tokenizer_dir).resolve()), fp))
+
 
 # --------------------------------------------------------------------------- tokenising + cache
 
@@ -152,9 +153,9 @@ def _split_texts(data: Path | list[Path], split: str) -> tuple[list[str], str]:
             raise TliError(
                 f"{d} is not a corpus built by `tli data build` (no manifest.json or {f.name})"
             )
+        _check_manifest(d / "manifest.json")
         raw = f.read_bytes()
-        texts = [json.loads(line)["text"] for line in raw.decode("utf-8").splitlines() if line]
-        return texts, hashlib.sha256(raw).hexdigest()
+        return _corpus_texts(f, raw), hashlib.sha256(raw).hexdigest()
     # Plain files (and at most one "hf:NAME[:CONFIG]" dataset): the same deterministic split as
     # `tli data build` with its default fractions.
     hf = [str(p)[3:] for p in paths if str(p).startswith("hf:") and not p.exists()]
@@ -173,6 +174,34 @@ def _split_texts(data: Path | list[Path], split: str) -> tuple[list[str], str]:
     for t in texts:  # the texts themselves: an HF dataset has no file to hash
         h.update(hashlib.sha256(t.encode()).digest())
     return texts, h.hexdigest()
+
+
+def _check_manifest(f: Path) -> None:
+    """A corpus folder's manifest.json is a JSON object (its splits, if listed, objects too)."""
+    try:
+        m = json.loads(f.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        m = None
+    except OSError as e:
+        raise TliError(f"cannot read {f}: {e.strerror}") from None
+    splits = m.get("splits", {}) if isinstance(m, dict) else None
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) for v in splits.values()):
+        raise TliError(f"{f} is not a corpus manifest (a JSON object): build the corpus again")
+
+
+def _corpus_texts(f: Path, raw: bytes) -> list[str]:
+    """The texts of one split file of a corpus folder; a damaged one is a one-line error."""
+    texts = []
+    try:
+        for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+            if line:
+                doc = json.loads(line)
+                if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                    raise ValueError(f"line {n} has no string 'text'")
+                texts.append(doc["text"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TliError(f"{f} is damaged ({str(e)[:80]}): build the corpus again") from None
+    return texts
 
 
 def load_token_stream(data: Path | list[Path], tokenizer_dir: Path, split: str) -> torch.Tensor:

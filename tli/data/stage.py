@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import tli
+from tli import sources
 from tli.config import DataConfig, Runtime
 from tli.data.blocks import load_token_stream, load_tokenizer_check, tokenizer_fingerprint
 from tli.data.corpus import BUNDLED, SPLITS, Doc, collect_docs, split_docs
+from tli.drills import drill
 from tli.errors import TliError
 from tli.output import precheck, staged
 from tli.provenance import sha256_file
@@ -63,7 +65,11 @@ def prepare(cfg: DataConfig, inputs: dict[str, Path], runtime: Runtime) -> DataJ
     tokenizer_dir = inputs.get("base")
     if tokenizer_dir is not None:
         load_tokenizer_check(Path(tokenizer_dir))
-    docs, stats = collect_docs(cfg)  # raises on missing packages / files before writing
+    # s3:// extras are read from their copy in the cache (fetched once); the manifest keeps the
+    # config as given.
+    extra = [str(sources.local(x, what="data.extra")) for x in cfg.extra]
+    local_cfg = cfg.model_copy(update={"extra": extra}) if extra != cfg.extra else cfg
+    docs, stats = collect_docs(local_cfg)  # raises on missing packages / files before writing
     if not docs:
         raise TliError("the sources gave no documents after cleaning")
     by_split = split_docs(docs, cfg)
@@ -92,16 +98,20 @@ def execute(job: DataJob, out: Path) -> None:
             "bytes_utf8": sum(len(d.text.encode()) for d in job.by_split[s]),
             "sha256": sha256_file(f),
         }
+        drill("data.split", s)  # a no-op unless a fault drill is armed
     (out / MANIFEST).write_text("{}")  # so load_token_stream accepts the folder
     for s in SPLITS:
         splits[s]["tokens"] = int(load_token_stream(out, job.tokenizer_dir, s).numel())
+        drill("data.tokens", s)
     manifest = {
         "format": CORPUS_FORMAT,
         "config": job.cfg.model_dump(mode="json"),
         "sources": _sources(job),
         "splits": splits,
-        "tokenizer": {"fingerprint": tokenizer_fingerprint(job.tokenizer_dir),
-                      "name": job.tokenizer_dir.name},  # fmt: skip
+        "tokenizer": {
+            "fingerprint": tokenizer_fingerprint(job.tokenizer_dir),
+            "name": job.tokenizer_dir.name,
+        },  # fmt: skip
         "separator": "end-of-text token after each document",
         "tli_version": tli.__version__,
     }
@@ -127,7 +137,12 @@ def _sources(job: DataJob) -> list[dict[str, Any]]:
 
 
 def run_data_build(
-    cfg: DataConfig, out: Path, tokenizer_dir: Path | None = None, *, force: bool = False
+    cfg: DataConfig,
+    out: Path,
+    tokenizer_dir: Path | None = None,
+    *,
+    force: bool = False,
+    runtime: Runtime | None = None,
 ) -> Path:
     """Build the corpus into ``out`` (staged: renamed into place when complete).
 
@@ -136,15 +151,17 @@ def run_data_build(
         out: the corpus folder to create.
         tokenizer_dir: whose tokenizer to count tokens with; None = the bundled base model.
         force: replace an existing ``out``.
+        runtime: how to run it (``offline``: whether ``data.dataset`` may name a Hub dataset).
 
     Returns:
         ``out``.
     """
     out = Path(out)
-    precheck(out, force=force, protect=[Path(p) for p in cfg.extra])
+    local_extra = [Path(p) for p in cfg.extra if not sources.is_uri(p)]
+    precheck(out, force=force, protect=local_extra)
     inputs = {"base": Path(tokenizer_dir)} if tokenizer_dir is not None else {}
-    job = prepare(cfg, inputs, Runtime())
-    with staged(out, force=force, protect=[Path(p) for p in cfg.extra]) as st:
+    job = prepare(cfg, inputs, runtime or Runtime())
+    with staged(out, force=force, protect=local_extra) as st:
         execute(job, st.path)
     return out
 
@@ -154,4 +171,10 @@ def read_manifest(corpus: Path) -> dict[str, Any]:
     f = Path(corpus) / MANIFEST
     if not f.is_file():
         raise TliError(f"{corpus} is not a corpus built by `tli data build` (no manifest.json)")
-    return json.loads(f.read_text())
+    try:
+        m = json.loads(f.read_bytes())
+    except (ValueError, UnicodeDecodeError):
+        m = None
+    if not isinstance(m, dict):
+        raise TliError(f"{f} is not a corpus manifest (a JSON object): build the corpus again")
+    return m

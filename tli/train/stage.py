@@ -17,14 +17,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tli import rayenv
+from tli import rayenv, remote, tracking
 from tli.config import Runtime, TrainConfig
+from tli.drills import drill
 from tli.errors import TliError
 from tli.modelfolder import ModelFolder
 from tli.output import precheck, staged
 from tli.provenance import header_fingerprint, package_versions
-from tli.train.checkpoint import CKPT_METRICS, CKPT_MODEL, CKPT_STATE, save_hf
-from tli.train.inputs import check_context, trained_layers, training_blocks, validation_blocks
+from tli.train.checkpoint import (
+    CKPT_METRICS,
+    CKPT_STATE,
+    checkpoint_complete,
+    resume_mismatch,
+    write_hf_model,
+)
+from tli.train.inputs import (
+    check_context,
+    count_training_blocks,
+    trained_layers,
+    training_blocks,
+    training_stream,
+    validation_blocks,
+)
 
 METRICS_FILE = "metrics.jsonl"
 TRAIN_PROVENANCE = "tli_train.json"
@@ -42,7 +56,7 @@ class TrainJob:
     model: ModelFolder
     data: Path | list[Path]
     new_layers: tuple[int, ...] | None
-    train_blocks: int
+    train_blocks: int | None  # None: a streamed split not yet tokenised (counted when it is)
     runtime: Runtime
 
     def describe(self) -> dict[str, Any]:
@@ -53,7 +67,9 @@ class TrainJob:
             "config": self.cfg.model_dump(mode="json"),
             "trained_layers": list(self.new_layers) if self.new_layers else "all",
             "train_blocks": self.train_blocks,
-            "tokens_per_step": self.cfg.seq_len * self.cfg.batch_size * self.cfg.workers
+            "tokens_per_step": self.cfg.seq_len
+            * self.cfg.batch_size
+            * self.cfg.workers
             * self.cfg.grad_accum,
         }
 
@@ -71,84 +87,111 @@ def prepare(cfg: TrainConfig, inputs: dict[str, Any], runtime: Runtime) -> Train
     check_context(model, cfg.seq_len)
     if rayenv.will_start_local(runtime.ray_address):
         rayenv.check_local_capacity(cfg.workers, 1, cfg.gpu)
+    rayenv.check_runtime(runtime.ray_address, runtime.storage, runtime.connect_timeout_s)
     data = inputs["data"]
     data = [Path(p) for p in data] if isinstance(data, list | tuple) else Path(data)
-    blocks = training_blocks(data, model.path, cfg)
-    return TrainJob(cfg, model, data, new_layers, int(blocks.shape[0]), runtime)
+    blocks = count_training_blocks(data, model.path, cfg)
+    return TrainJob(cfg, model, data, new_layers, blocks, runtime)
 
 
 def resumable(out: Path) -> str | None:
-    """What an interrupted run left in ``out``: its latest complete checkpoint, if any."""
+    """What an interrupted run left for ``out``: its latest complete checkpoint, if any."""
     latest = latest_checkpoint(out)
-    return f"last checkpoint {latest.name}" if latest is not None else None
+    if latest is None:
+        return None
+    name = latest.rstrip("/").rsplit("/", 1)[-1]  # step_000004
+    return f"resuming from step {int(name.rpartition('_')[2])}: checkpoint {latest}"
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete checkpoint folder of Ray Train's run in ``out``."""
-    run = out / RAY_RUN_NAME
-    done = [d for d in run.glob("step_*") if (d / CKPT_STATE).is_file()] if run.is_dir() else []
-    return max(done, key=lambda d: d.name) if done else None
+def latest_checkpoint(out: Path) -> str | None:
+    """The newest complete checkpoint of Ray Train's run for ``out``: its folder or s3:// URI.
+
+    The run is in ``out/ray``, or under ``runtime.storage`` where its pointer says
+    (:func:`tli.rayenv.ray_run`).
+    """
+    run = rayenv.ray_run(out, RAY_RUN_NAME)
+    steps = [n for n in remote.listdir(run) if n.startswith("step_")]
+    done = [n for n in steps if checkpoint_complete(remote.location_join(run, n))]
+    return remote.location_join(run, max(done)) if done else None
 
 
 def execute(job: TrainJob, out: Path) -> None:
     """Train into ``out``; resume from Ray Train's run there when a checkpoint exists."""
-    import ray
-
     latest = latest_checkpoint(out)
-    if latest is not None:
-        _check_same_config(latest, job.cfg)
-    train_blocks = training_blocks(job.data, job.model.path, job.cfg)  # [n, T]
-    val_blocks = validation_blocks(job.data, job.model.path, job.cfg, required=False)
+    start_step = _check_same_config(latest, job.cfg) if latest is not None else 0
     rt = job.runtime
     t_start = time.perf_counter()
-    local = rayenv.will_start_local(rt.ray_address)
-    with rayenv.session(rt.ray_address) as started:
+    with rayenv.session(rt.ray_address, timeout_s=rt.connect_timeout_s) as started:
         t_ray = time.perf_counter() - t_start
-        plan = rayenv.plan_workers(
-            ray.cluster_resources().get("CPU", 0), job.cfg.workers,
-            share_all=local or started or _single_node(), cpus_per_worker=rt.cpus_per_worker,
-            threads=rt.threads,
+        # A cluster that can grow is waited for (the autoscaler asked), one that cannot refused.
+        plan = rayenv.plan_on_cluster(
+            job.cfg.workers, gpu=job.cfg.gpu, started=started, timeout_s=rt.scale_timeout_s,
+            what="train", cpus_per_worker=rt.cpus_per_worker, threads=rt.threads,
         )  # fmt: skip
+        data, feed = _worker_data(job, start_step)
         loop_config = {
             "train": job.cfg.model_dump(mode="json"),
             "model_dir": str(job.model.path.resolve()),
-            "train_blocks": ray.put(train_blocks),
-            "val_blocks": ray.put(val_blocks) if val_blocks is not None else None,
+            **data,
             "new_layers": list(job.new_layers) if job.new_layers is not None else None,
             "threads": plan.threads,
             "peak_flops": rt.peak_tflops * 1e12 if rt.peak_tflops else None,
             "report_every": rt.report_every,
             "compile": rt.compile,
+            "sharded_load": rt.sharded_load,
         }
         from tli.train.worker import make_trainer
 
-        trainer = make_trainer(loop_config, job.cfg, plan, storage=out.resolve(),
-                               name=RAY_RUN_NAME, max_failures=rt.max_failures)  # fmt: skip
+        # Ray Train's run: in out/ray, or under runtime.storage (shared folder, s3://) at a
+        # sub-path of its own; either way a rerun of this output resumes from its checkpoints.
+        storage = rayenv.ray_storage(out, rt.storage, RAY_RUN_NAME)
+        trainer = make_trainer(loop_config, job.cfg, plan, storage=storage, name=RAY_RUN_NAME,
+                               max_failures=rt.max_failures, feed=feed)  # fmt: skip
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("Ray Train finished without a final checkpoint")
     timing = {"wall_s": time.perf_counter() - t_start, "ray_init_s": t_ray}
-    finish(job, out, Path(result.checkpoint.path), timing)
+    with result.checkpoint.as_directory() as final:  # the folder itself, or fetched from S3
+        finish(job, out, Path(final), timing)
+    # The stage's own records, as written, to MLflow / TensorBoard when tracking is on.
+    tracking.record_train(
+        label=job.model.name,
+        params={"train": job.cfg.model_dump(mode="json"), "model": job.model.name},
+        history=[json.loads(x) for x in (out / METRICS_FILE).read_text().splitlines() if x],
+        final=json.loads((out / TRAIN_PROVENANCE).read_text())["result"],
+    )
 
 
-def _single_node() -> bool:
-    """A Ray of one node no bigger than this machine (a job on a local head): all ours."""
-    import os
-
+def _worker_data(job: TrainJob, start_step: int) -> tuple[dict[str, Any], Any]:
+    """What the workers read: every block through the object store (``feed: memory``), or
+    their own shares streamed by Ray Data (``feed: stream``: a feed spec; the cache is
+    tokenised here, with Ray Data, where it lacks shards)."""
     import ray
 
-    return len(ray.nodes()) == 1 and ray.cluster_resources().get("CPU", 0) <= (os.cpu_count() or 1)
+    cfg = job.cfg
+    if cfg.feed == "memory":
+        train = ray.put(training_blocks(job.data, job.model.path, cfg))  # [n, T]
+        feed = None
+    else:
+        from tli.data.stream import feed_spec
+
+        index = training_stream(job.data, job.model.path, cfg)
+        train, node = None, ray.get_runtime_context().get_node_id()
+        feed = feed_spec(index, cfg, start_step, node)  # read tasks run where the cache is
+    val = validation_blocks(job.data, job.model.path, cfg, required=False)
+    return {"train_blocks": train, "val_blocks": ray.put(val) if val is not None else None}, feed
 
 
-def _check_same_config(latest: Path, cfg: TrainConfig) -> None:
-    saved = json.loads((latest / CKPT_STATE).read_text())["config"]
-    now = cfg.model_dump(mode="json")
-    diff = sorted(k for k in now if saved.get(k) != now[k])
+def _check_same_config(latest: str, cfg: TrainConfig) -> int:
+    """Refuse to resume with other settings; the step the interrupted run reached."""
+    state = json.loads(remote.read_text(remote.location_join(latest, CKPT_STATE)))
+    diff = resume_mismatch(state, cfg)
     if diff:
         raise TliError(
             f"--resume with a different config than the interrupted run ({', '.join(diff)}): "
             "use the same settings or --force to start over"
         )
+    return int(state["step"])
 
 
 def finish(job: TrainJob, out: Path, final: Path, timing: dict[str, float]) -> None:
@@ -156,33 +199,32 @@ def finish(job: TrainJob, out: Path, final: Path, timing: dict[str, float]) -> N
     model_out = out / "model"
     if model_out.exists():
         shutil.rmtree(model_out)
-    _write_model(job, final / CKPT_MODEL, model_out)
+    _write_model(job, final, model_out)
+    drill("train.finish", 1)  # a no-op unless a fault drill is armed
     history = [json.loads(x) for x in (final / CKPT_METRICS).read_text().splitlines() if x.strip()]
     (out / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in history))
-    placement = json.loads((final / CKPT_STATE).read_text()).get("placement", [])
+    state = json.loads((final / CKPT_STATE).read_text())
+    memory = {m["rank"]: m for m in state.get("memory", [])}  # each worker's peak memory
+    placement = [{**w, **memory.get(w.get("rank"), {})} for w in state.get("placement", [])]
     text = json.dumps(_provenance(job, history, placement, timing), indent=2) + "\n"
     (out / TRAIN_PROVENANCE).write_text(text)
     (model_out / TRAIN_PROVENANCE).write_text(text)
     if not job.runtime.keep_checkpoints:
+        remote.remove_tree(rayenv.ray_run(out, RAY_RUN_NAME))  # under runtime.storage too
         shutil.rmtree(out / RAY_RUN_NAME, ignore_errors=True)
 
 
-def _write_model(job: TrainJob, src: Path, model_out: Path) -> None:
+def _write_model(job: TrainJob, final: Path, model_out: Path) -> None:
     """The trained HF folder, in the input's dtype, with the input's non-weight files."""
     import torch
 
-    # Checkpoints keep fp32 master weights (exact resume); the output keeps the input's dtype.
+    # Checkpoints keep fp32 master weights (exact resume), sharded as the workers held them;
+    # the output is one HF folder in the input's dtype, written one tensor at a time.
     config = job.model.config
     in_dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     dtype = getattr(torch, in_dtype, None)
-    if not isinstance(dtype, torch.dtype) or dtype == torch.float32:
-        shutil.copytree(src, model_out)
-    else:
-        from tli.modelfolder import load_causal_lm
-
-        m = load_causal_lm(src)
-        m.config.dtype = dtype
-        save_hf(m, m.state_dict(), model_out, dtype=dtype)
+    dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+    write_hf_model(final, model_out, dtype, job.runtime.shard_size)
     # Carry along the input's tokenizer, plan, provenance and any other non-weight files.
     for f in sorted(job.model.path.iterdir()):
         if not f.is_file() or f.suffix in _WEIGHT_SUFFIXES or f.name in _WEIGHT_NAMES:

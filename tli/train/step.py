@@ -6,10 +6,15 @@
 - :func:`train_in_memory` is the plain loop over it for an in-memory model (benchmarks, tests):
   no Ray, no files. The Ray Train worker (:mod:`tli.train.worker`) runs the same steps.
 
-Data order: the training blocks are shuffled once per epoch with a generator seeded from
-``(seed, epoch)``; micro-step ``p`` (counted over the whole run) takes rows
-``[p * B * W, (p + 1) * B * W)`` of that order and worker ``r`` the ``r``-th slice of ``B`` rows.
-So the data position is a function of the step alone, which makes resume exact.
+Data order (:class:`DataOrder`): the training blocks are shuffled once per epoch with a
+generator seeded from ``(seed, epoch)``; optimizer step ``s`` takes the ``G = B * W * A`` rows
+``[k * G, (k + 1) * G)`` of its epoch's order (``k`` = the step within the epoch; ``B`` batch
+size, ``W`` workers, ``A`` micro-steps), and micro-step ``m`` of worker ``r`` the slice of ``B``
+rows at ``(m * W + r) * B``. So the data position is a function of the step alone (resume is
+exact), and a step trains on the same rows however they are split over workers and micro-steps
+(a run resumed with other workers but the same ``G`` continues on the same data). With one
+micro-step per step (every preset) this is the order tli has always used. The in-memory path
+(:class:`MemoryBatches`) and the streamed one (:mod:`tli.data.feed`) both follow it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tli.config import TrainConfig
 from tli.errors import TliError
@@ -193,7 +199,8 @@ def batch_rows(
     if per_epoch < 1:
         raise TliError(
             f"{n_blocks} training blocks cannot fill one global batch of {global_batch} "
-            "(batch size x workers): use more data, a shorter --seq-len or a smaller batch"
+            "(batch size x workers x grad accum): use more data, a shorter --seq-len or a "
+            "smaller batch"
         )
     epoch, k = divmod(position, per_epoch)
     perm = None if cache is None else cache.get(epoch)
@@ -206,6 +213,91 @@ def batch_rows(
     return perm[k * global_batch : (k + 1) * global_batch]  # [global_batch]
 
 
+@dataclass(frozen=True)
+class DataOrder:
+    """Which blocks every micro-batch of a run takes (see the module docstring).
+
+    A pure value: the in-memory batches and the streamed feed's read tasks compute the same
+    rows from it, in any process.
+    """
+
+    n_blocks: int
+    batch_size: int
+    workers: int
+    grad_accum: int
+    seed: int
+
+    @property
+    def step_batch(self) -> int:
+        """Blocks per optimizer step, all workers and micro-steps together."""
+        return self.batch_size * self.workers * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_blocks // self.step_batch
+
+    def check(self) -> None:
+        """Refuse data that cannot fill one optimizer step."""
+        batch_rows(0, self.n_blocks, self.step_batch, self.seed)
+
+    def rows(self, step: int, micro: int, rank: int, cache: dict | None = None) -> torch.Tensor:
+        """Block indices of micro-step ``micro`` of optimizer step ``step`` for worker ``rank``."""
+        rows = batch_rows(step, self.n_blocks, self.step_batch, self.seed, cache)  # [G]
+        at = (micro * self.workers + rank) * self.batch_size
+        return rows[at : at + self.batch_size]  # [B]
+
+    def position(self, step: int) -> dict[str, int]:
+        """Where the data stands before optimizer step ``step`` (JSON, for checkpoints)."""
+        return {
+            "step": step,
+            "epoch": step // self.steps_per_epoch,
+            "step_in_epoch": step % self.steps_per_epoch,
+            "n_blocks": self.n_blocks,
+            "step_batch": self.step_batch,
+        }
+
+
+class Batches(Protocol):
+    """Where a worker's micro-batches come from: in memory or streamed (:mod:`tli.data.feed`)."""
+
+    n_blocks: int
+
+    def bind(self, order: DataOrder, rank: int) -> None:
+        """Fix the order and this worker's rank (called once by :class:`StepRunner`)."""
+        ...
+
+    def get(self, step: int, micro: int) -> torch.Tensor:
+        """int64 ``[B, T]``: this worker's blocks for micro-step ``micro`` of step ``step``."""
+        ...
+
+
+class MemoryBatches:
+    """Every training block in memory; a micro-batch is picked by index (tests, benchmarks, and
+    ``train.feed: memory``)."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        if blocks.ndim != 2:
+            raise TliError(f"training blocks must be [n, seq_len], got {tuple(blocks.shape)}")
+        self.blocks = blocks
+        self.n_blocks = int(blocks.shape[0])
+        self.seq_len = int(blocks.shape[1])
+        self._order: DataOrder | None = None
+        self._rank = 0
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def bind(self, order: DataOrder, rank: int) -> None:
+        self._order, self._rank = order, rank
+
+    def get(self, step: int, micro: int) -> torch.Tensor:
+        assert self._order is not None, "bind() first"
+        return self.blocks[self._order.rows(step, micro, self._rank, self._cache)]  # [B, T]
+
+
+def is_moe(config: Any) -> bool:
+    """Whether an HF config is a mixture of experts (Mixtral, Qwen-MoE, ...)."""
+    return any(getattr(config, k, None) for k in ("num_local_experts", "num_experts"))
+
+
 # ----------------------------------------------------------------------------- the step core
 
 
@@ -213,9 +305,10 @@ class StepRunner:
     """One optimizer step at a time: the training core shared by every way tli trains.
 
     Args:
-        model: an HF causal LM (trained in place; moved to ``device``).
-        blocks: int64 ``[n_blocks, seq_len]`` training blocks (all of them: each worker picks
-            its own rows, see :func:`batch_rows`).
+        model: an HF causal LM (trained in place; moved to ``device``), or one built on the
+            meta device (:func:`tli.train.shard.skeleton`) together with ``weights``.
+        data: int64 ``[n_blocks, seq_len]`` training blocks (all of them: each worker picks its
+            own rows), or a :class:`Batches` source (the streamed feed); see :class:`DataOrder`.
         cfg: the training config.
         new_layers: decoder-layer indices the ``original`` freeze policy trains.
         device: where to train; None = cuda if ``cfg.gpu`` else cpu.
@@ -224,12 +317,15 @@ class StepRunner:
         peak_flops: peak FLOP/s of one device, for MFU; None = no MFU.
         compile: run the model through ``torch.compile`` (GPU speed; same results up to
             floating-point reordering).
+        weights: where a meta-device ``model``'s weights come from (a
+            :class:`tli.train.shard.RowSource`). Under FSDP the model is sharded first, so each
+            rank allocates and reads only its own rows.
     """
 
     def __init__(
         self,
         model: Any,
-        blocks: torch.Tensor,
+        data: torch.Tensor | Batches,
         cfg: TrainConfig,
         *,
         new_layers: Sequence[int] | None = None,
@@ -237,36 +333,33 @@ class StepRunner:
         distributed: bool = False,
         peak_flops: float | None = None,
         compile: bool = False,
+        weights: Any = None,
     ) -> None:
         import torch
         import torch.distributed as dist
 
-        if blocks.ndim != 2 or blocks.shape[1] != cfg.seq_len:
-            raise TliError(f"training blocks must be [n, {cfg.seq_len}], got {tuple(blocks.shape)}")
         self.cfg = cfg
-        self.blocks = blocks
+        self.data: Batches = MemoryBatches(data) if isinstance(data, torch.Tensor) else data
+        if isinstance(data, torch.Tensor) and data.shape[1] != cfg.seq_len:
+            raise TliError(f"training blocks must be [n, {cfg.seq_len}], got {tuple(data.shape)}")
         self.device = torch.device(device or ("cuda" if cfg.gpu else "cpu"))
-        self.rank = dist.get_rank() if distributed and dist.is_initialized() else 0
-        self.world = dist.get_world_size() if distributed and dist.is_initialized() else 1
+        self.distributed = distributed and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
         self.global_batch = cfg.batch_size * self.world
-        # Checks the data fits one global batch before any work.
-        batch_rows(0, blocks.shape[0], self.global_batch, cfg.seed)
+        self.order = DataOrder(self.data.n_blocks, cfg.batch_size, self.world, cfg.grad_accum,
+                               cfg.seed)  # fmt: skip
+        self.order.check()  # the data fits one optimizer step, before any work
+        self.data.bind(self.order, self.rank)
         torch.manual_seed(cfg.seed + self.rank)  # dropout etc.; a resume restores the state
         self.trainable, self.total = apply_freeze(model, cfg.freeze, new_layers)
         self.flops_per_token = flops_per_token(model, cfg.seq_len)
         self.peak_flops = peak_flops
         self.autocast = cfg.bf16 and bf16_autocast_ok(self.device)
-        model.to(self.device)
-        if getattr(model.config, "use_cache", None):
-            model.config.use_cache = False  # no KV cache in training
-        if cfg.grad_checkpointing:
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        model.train()
+        self.moe = is_moe(model.config)
         self.raw = model
         self.kind = "single"
-        self.model = model
-        if self.world > 1:
-            self.model = self._wrap(model)
+        self.model = self._place(model, weights)
         if compile:
             self.model = torch.compile(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -277,9 +370,36 @@ class StepRunner:
         self.step = 0  # optimizer steps done
         self.tokens = 0  # tokens trained on, all workers
         self.elapsed = 0.0  # training seconds, summed over resumed runs
-        self._perm_cache: dict[int, torch.Tensor] = {}
         self.placement: list[dict[str, Any]] = []  # where each worker ran (set by the Ray loop)
         self.val_blocks: torch.Tensor | None = None  # held-out blocks (set by the Ray loop)
+
+    def _place(self, model: Any, weights: Any) -> Any:
+        """The model on its device, in training mode, wrapped for the process group.
+
+        A meta-device model is materialised from ``weights``: whole before DDP (or alone),
+        after ``fully_shard`` under FSDP, so that each rank allocates and reads its rows only.
+        FSDP applies with more than one rank, or over a one-rank process group when asked for
+        (a GPU benchmark of the FSDP path); DDP only with more than one rank.
+        """
+        from tli.train.shard import is_meta, materialise
+
+        meta = is_meta(model)
+        if meta and weights is None:
+            raise TliError("a model built on the meta device needs its weights to materialise")
+        sharded = self.cfg.fsdp and self.distributed
+        if meta and not sharded:
+            materialise(model, weights, self.device)  # every row: DDP / one worker
+        elif not meta:
+            model.to(self.device)
+        if getattr(model.config, "use_cache", None):
+            model.config.use_cache = False  # no KV cache in training
+        if self.cfg.grad_checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        wrapped = self._wrap(model) if self.world > 1 or sharded else model
+        if meta and sharded:
+            materialise(model, weights, self.device)  # this rank's rows only
+        return wrapped
 
     def _adamw(self) -> Any:
         """AdamW over the trainable parameters; norms and biases get no weight decay."""
@@ -321,12 +441,7 @@ class StepRunner:
 
     def rows(self, step: int, micro: int) -> torch.Tensor:
         """This worker's block indices for micro-step ``micro`` of optimizer step ``step``."""
-        position = step * self.cfg.grad_accum + micro
-        rows = batch_rows(
-            position, self.blocks.shape[0], self.global_batch, self.cfg.seed, self._perm_cache
-        )  # [B * W]
-        b = self.cfg.batch_size
-        return rows[self.rank * b : (self.rank + 1) * b]  # [B]
+        return self.order.rows(step, micro, self.rank)  # [B]
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         import torch
@@ -344,8 +459,14 @@ class StepRunner:
         t0 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=self.device)
+        # An MoE model adds its router's load-balancing loss (router_aux_loss_coef x aux) to
+        # .loss when asked for the router logits; without it the experts are free to collapse.
+        extra = {"output_router_logits": True} if self.moe else {}
+        data_s = 0.0  # waiting for the feed: an input pipeline that keeps up spends ~0 here
         for micro in range(cfg.grad_accum):
-            ids = self.blocks[self.rows(self.step, micro)].to(self.device)  # [B, T]
+            t_data = time.perf_counter()
+            ids = self.data.get(self.step, micro).to(self.device)  # [B, T]
+            data_s += time.perf_counter() - t_data
             last = micro == cfg.grad_accum - 1
             sync: contextlib.AbstractContextManager = contextlib.nullcontext()
             if self.kind == "ddp" and not last:
@@ -354,7 +475,7 @@ class StepRunner:
                 self.model.set_requires_gradient_sync(last)
             with sync:
                 with self._autocast():
-                    loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+                    loss = self.model(input_ids=ids, labels=ids, use_cache=False, **extra).loss
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
@@ -384,6 +505,7 @@ class StepRunner:
             "grad_norm": float(norm),
             "tokens": self.tokens,
             "tokens_per_s": tps,
+            "data_s": data_s,
             "mfu": mfu,
             "elapsed": self.elapsed,
             "wall_time": time.time(),  # end of this step; steady-state rates include loop overhead
@@ -467,8 +589,6 @@ class StepRunner:
 
     def trainer_state(self) -> dict[str, Any]:
         """Step, tokens, time, schedule and data position, as JSON."""
-        per_epoch = self.blocks.shape[0] // self.global_batch
-        position = self.step * self.cfg.grad_accum
         return {
             "step": self.step,
             "tokens": self.tokens,
@@ -477,22 +597,25 @@ class StepRunner:
             "scheduler": {
                 k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"
             },
-            "data_position": {
-                "micro_step": position,
-                "epoch": position // per_epoch,
-                "batch_in_epoch": position % per_epoch,
-                "n_blocks": int(self.blocks.shape[0]),
-            },
+            "data_position": self.order.position(self.step),
             "config": self.cfg.model_dump(mode="json"),
             "placement": self.placement,
         }
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
-        """Restore step, tokens, time and the schedule from :meth:`trainer_state`."""
-        if state["world_size"] != self.world:
+        """Restore step, tokens, time and the schedule from :meth:`trainer_state`.
+
+        Any number of workers may resume a run, as long as an optimizer step still takes as
+        many blocks (batch size x workers x micro-steps): then it trains on the same rows.
+        """
+        saved = state["config"]
+        was = int(saved["batch_size"]) * int(state["world_size"]) * int(saved["grad_accum"])
+        if was != self.order.step_batch:
             raise TliError(
-                f"the checkpoint was written by {state['world_size']} workers, this run has "
-                f"{self.world}: resume with --workers {state['world_size']}"
+                f"the checkpoint's steps took {was} sequences ({saved['batch_size']} x "
+                f"{state['world_size']} workers x {saved['grad_accum']} micro-steps), this run's "
+                f"take {self.order.step_batch}: keep batch size x workers x grad accum equal "
+                "(e.g. --grad-accum) to resume on another number of workers"
             )
         self.step = int(state["step"])
         self.tokens = int(state["tokens"])
@@ -502,6 +625,39 @@ class StepRunner:
         self.scheduler.load_state_dict(sched)
         for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
             g["lr"] = lr
+
+    def gather_memory(self) -> list[dict[str, Any]]:
+        """Every worker's peak resident memory (and peak GPU memory), on every rank (all call)."""
+        import torch
+        import torch.distributed as dist
+
+        me: dict[str, Any] = {"rank": self.rank, "peak_rss_bytes": peak_rss()}
+        if self.device.type == "cuda":
+            me["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        if self.world == 1 or not dist.is_initialized():
+            return [me]
+        every: list[Any] = [None] * self.world
+        dist.all_gather_object(every, me)
+        return every
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes, since it started.
+
+    Linux's ``VmHWM`` is the high-water mark of this process's own memory map; ``ru_maxrss``
+    is not: it keeps the maximum across ``exec``, so a process forked from a big one (a Ray
+    worker from its raylet, a subprocess from a benchmark) would report its parent's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def live_line(m: dict[str, Any], steps: int) -> str:
@@ -543,6 +699,8 @@ def train_in_memory(
     peak_flops: float | None = None,
     progress: bool = False,
     compile: bool = False,
+    weights: Any = None,
+    distributed: bool = False,
 ) -> list[dict[str, Any]]:
     """Train an in-memory model for ``cfg.steps`` steps in this process (no Ray, no files).
 
@@ -563,12 +721,16 @@ def train_in_memory(
         peak_flops: peak FLOP/s of the device, for MFU.
         progress: print a live line per step on stderr.
         compile: ``torch.compile`` the model (see :class:`StepRunner`).
+        weights: a meta-device ``model``'s weights (see :class:`StepRunner`).
+        distributed: train under the initialised process group (DDP / FSDP, see
+            :class:`StepRunner`); every rank calls this.
 
     Returns:
         Every step's metrics, in order.
     """
     runner = StepRunner(model, blocks, cfg, new_layers=new_layers, device=device,
-                        peak_flops=peak_flops, compile=compile)  # fmt: skip
+                        peak_flops=peak_flops, compile=compile, weights=weights,
+                        distributed=distributed)  # fmt: skip
     history = []
     for _ in range(cfg.steps):
         m = runner.train_step()

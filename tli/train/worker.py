@@ -8,16 +8,17 @@ worker, with checkpoints, resume and metric reports; :func:`make_trainer` wraps 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tli.config import TrainConfig
 from tli.drills import drill
 from tli.rayenv import WorkerPlan, worker_runtime_env
-from tli.train.checkpoint import CKPT_MODEL, load_checkpoint, save_checkpoint
+from tli.train.checkpoint import CKPT_STATE, CheckpointTensors, load_checkpoint, save_checkpoint
 from tli.train.step import StepRunner, eval_due, live_line
 
 
@@ -30,6 +31,7 @@ def make_trainer(
     name: str,
     max_failures: int = 0,
     callbacks: Sequence[Any] = (),
+    feed: Any = None,
 ) -> Any:
     """A ``TorchTrainer`` running :func:`train_loop_per_worker` with ``loop_config``.
 
@@ -41,6 +43,8 @@ def make_trainer(
         name: the run's folder name under ``storage``; an existing run there is resumed.
         max_failures: worker failures recovered from the latest checkpoint.
         callbacks: Ray Train callbacks (a Tune trial's report callback).
+        feed: a :class:`tli.data.stream.FeedSpec`: the workers read their blocks from Ray Data
+            (``get_dataset_shard``) instead of ``loop_config["train_blocks"]``.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -48,9 +52,17 @@ def make_trainer(
     resources: dict[str, float] = {"CPU": plan.cpus_per_worker}
     if cfg.gpu:
         resources["GPU"] = 1
+    data: dict[str, Any] = {}
+    if feed is not None:
+        from tli.data.feed import trainer_datasets
+
+        datasets, data_config = trainer_datasets(feed, cfg.workers)
+        data = {"datasets": datasets, "dataset_config": data_config}
+        loop_config = {**loop_config, "feed": feed}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        **data,
         torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=resources
@@ -78,14 +90,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train per-worker loop (``TorchTrainer(train_loop_per_worker, ...)``).
 
     Keys of ``config``:
-        ``train``: a :class:`TrainConfig` as a dict. ``model_dir``: the HF folder to start from
-        (every worker reads it, so on a cluster it must be on shared storage).
-        ``build_model`` (instead of ``model_dir``; Ray Tune trials): a picklable callable
-        returning the model to train, built in memory (:func:`tli.tune.trial.build_trial_model`).
-        ``train_blocks`` / ``val_blocks``: tensors or Ray object refs of them (``val_blocks``
-        may be None). ``new_layers``: decoder layers trained under ``original``.
+        ``train``: a :class:`TrainConfig` as a dict. The model, one of: ``model_dir``, the HF
+        folder to start from; or ``base_dir`` and ``plan`` (Ray Tune trials): the base folder
+        and the injection plan (a dict) applied to it in memory. Every worker reads these
+        folders, so on a cluster they must be on shared storage.
+        The data: ``train_blocks`` (a tensor or a Ray object ref of one), or ``feed`` (a
+        :class:`tli.data.stream.FeedSpec`, set by :func:`make_trainer`: the worker's Ray Data
+        shard). ``val_blocks``: a tensor, a ref or None. ``new_layers``: decoder layers trained
+        under ``original``.
         Optional: ``threads`` (torch threads per worker), ``peak_flops``, ``compile``,
-        ``report_every`` (steps between metric-only reports; default 10).
+        ``report_every`` (steps between metric-only reports; default 10), ``sharded_load``
+        (FSDP workers read only their own shards; default True).
 
     A checkpoint is reported every ``checkpoint_every`` steps and at the end (the final one
     carries the trained model); on (re)start the worker resumes from
@@ -111,14 +126,46 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _report(runner, cfg, m, history, report_every)
 
 
+def _model_and_weights(
+    config: dict[str, Any], cfg: TrainConfig, world: int, ckpt_dir: Path | None
+) -> tuple[Any, Any]:
+    """The model to train and, for a meta-device model, where its weights come from.
+
+    Today's path (the whole model loaded, then wrapped) for a fresh DDP or one-worker run from
+    a folder; every other start builds the model on the meta device and reads its weights
+    (only this rank's rows under FSDP): from a checkpoint (any number of workers wrote it),
+    from the base and a plan (a trial: nothing per trial in the object store), or from the
+    folder (FSDP).
+    """
+    from tli.modelfolder import load_causal_lm, read_config
+    from tli.train import shard
+
+    sharded_load = config.get("sharded_load", True)
+    if ckpt_dir is not None:
+        source = CheckpointTensors(ckpt_dir)
+        return shard.skeleton(read_config(ckpt_dir)), source
+    if config.get("base_dir") is not None:
+        from tli.inject.plan import Plan
+
+        plan = Plan.from_dict(config["plan"])
+        if plan.method == "moe":  # a new family, not rows of the base: built whole
+            from tli.inject.memory import inject_in_memory
+
+            return inject_in_memory(load_causal_lm(config["base_dir"]), plan), None
+        source = shard.InjectedWeights(config["base_dir"], plan)
+        return shard.skeleton(source.injected_config()), source
+    model_dir = Path(config["model_dir"])
+    if cfg.fsdp and world > 1 and sharded_load:
+        return shard.skeleton(read_config(model_dir)), shard.FolderWeights(model_dir)
+    return load_causal_lm(model_dir), None
+
+
 def _start(
     config: dict[str, Any], cfg: TrainConfig, rank: int, world: int
 ) -> tuple[StepRunner, list[dict[str, Any]]]:
     """The worker's runner: from the latest checkpoint when there is one, else from scratch."""
     import ray.train
     import torch
-
-    from tli.modelfolder import load_causal_lm
 
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
@@ -131,32 +178,50 @@ def _start(
     ckpt = ray.train.get_checkpoint()
     with contextlib.ExitStack() as stack:
         ckpt_dir = Path(stack.enter_context(ckpt.as_directory())) if ckpt else None
-        build_model: Callable[[], Any] | None = config.get("build_model")
-        if ckpt_dir is None and build_model is not None:
-            model = build_model()  # a Tune trial: upscaled in memory from the shared base
-        else:
-            source = ckpt_dir / CKPT_MODEL if ckpt_dir else Path(config["model_dir"])
-            model = load_causal_lm(source)
+        model, weights = _model_and_weights(config, cfg, world, ckpt_dir)
         runner = StepRunner(
-            model, _materialise(config["train_blocks"]), cfg, new_layers=config.get("new_layers"),
-            device=device, distributed=world > 1, peak_flops=config.get("peak_flops"),
-            compile=bool(config.get("compile")),
+            model, _data(config), cfg, new_layers=config.get("new_layers"), device=device,
+            distributed=world > 1, peak_flops=config.get("peak_flops"),
+            compile=bool(config.get("compile")), weights=weights,
         )  # fmt: skip
         runner.val_blocks = _materialise(config.get("val_blocks"))
         history: list[dict[str, Any]] = []
         if ckpt_dir is not None:
             history = load_checkpoint(runner, ckpt_dir)
             if rank == 0:
-                print(f"resuming from step {runner.step} ({ckpt_dir.name})", flush=True)
+                print(f"resuming from step {runner.step} ({ckpt_dir.name}, written by "
+                      f"{_writers(ckpt_dir)} worker(s)) on {world}", flush=True)  # fmt: skip
     runner.placement = _placement(rank, world, device)
     if rank == 0 and runner.step == 0:
         print(
             f"training {runner.trainable:,} of {runner.total:,} parameters "
-            f"({cfg.freeze=}) on {world} x {device.type} ({runner.kind}), "
-            f"bf16 autocast {'on' if runner.autocast else 'off'}",
+            f"({cfg.freeze=}) on {world} x {device.type} ({runner.kind}"
+            f"{', sharded load' if weights is not None and runner.kind == 'fsdp' else ''}), "
+            f"bf16 autocast {'on' if runner.autocast else 'off'}, "
+            f"data {'streamed' if config.get('feed') is not None else 'in memory'}",
             flush=True,
         )
     return runner, history
+
+
+def _data(config: dict[str, Any]) -> Any:
+    """The worker's training data: its Ray Data shard (streamed) or every block (in memory)."""
+    feed = config.get("feed")
+    if feed is None:
+        return _materialise(config["train_blocks"])
+    import ray.train
+
+    from tli.data.feed import TRAIN, StreamBatches, quiet_data
+
+    quiet_data()
+    return StreamBatches(ray.train.get_dataset_shard(TRAIN), feed)
+
+
+def _writers(ckpt_dir: Path) -> int | str:
+    try:
+        return json.loads((ckpt_dir / CKPT_STATE).read_text())["world_size"]
+    except (OSError, ValueError, KeyError):
+        return "?"
 
 
 def _report(

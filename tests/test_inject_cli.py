@@ -124,8 +124,19 @@ CASES = {
     "positions out of range": (lambda m, t: ["--model", str(m), "--positions", "1,9"], "[9] out of range"),
     "non-numeric positions": (lambda m, t: ["--model", str(m), "--positions", "1,x"], "'x' is not a valid int"),
     "overlap >= N": (lambda m, t: ["--model", str(m), "--method", "dus", "--overlap", "4"], "overlap 4 out of range"),
-    "init with dus": (lambda m, t: ["--model", str(m), "--method", "dus", "--init", "copy"], "applies to --method tli"),
-    "unknown method": (lambda m, t: ["--model", str(m), "--method", "moe"], "invalid choice"),
+    "init with dus": (lambda m, t: ["--model", str(m), "--method", "dus", "--init", "copy"], "init applies to method tli only, not dus"),
+    "default init with dus": (lambda m, t: ["--model", str(m), "--method", "dus", "--init", "identity"], "--init applies to --method tli only, not dus"),
+    "overlap with tli": (lambda m, t: ["--model", str(m), "--overlap", "1"], "overlap applies to method dus only, not tli"),
+    "repeat with tli": (lambda m, t: ["--model", str(m), "--repeat", "3"], "repeat applies to method stack only"),
+    "experts with dus": (lambda m, t: ["--model", str(m), "--method", "dus", "--experts", "4"], "experts applies to method moe only, not dus"),
+    "alpha with llama-pro": (lambda m, t: ["--model", str(m), "--method", "llama-pro", "--alpha", "0.5"], "alpha applies to method tli only, not llama-pro"),
+    "moe without sizes": (lambda m, t: ["--model", str(m), "--method", "moe"], "method moe needs experts and top_k"),
+    "moe top-k > experts": (lambda m, t: ["--model", str(m), "--method", "moe", "--experts", "2", "--top-k", "3"], "top_k must be in 1..2"),
+    "moe noise 1": (lambda m, t: ["--model", str(m), "--method", "moe", "--experts", "2", "--top-k", "1", "--expert-noise", "1"], "inject.expert_noise"),
+    "placement with positions": (lambda m, t: ["--model", str(m), "--positions", "1", "--placement", "top"], "positions lists the new layers itself"),
+    "too many new layers": (lambda m, t: ["--model", str(m), "--new-layers", "5"], "new_layers 5 out of range"),
+    "unknown placement": (lambda m, t: ["--model", str(m), "--placement", "side"], "invalid choice"),
+    "unknown method": (lambda m, t: ["--model", str(m), "--method", "moa"], "invalid choice"),
 }  # fmt: skip
 
 

@@ -86,6 +86,70 @@ def test_grid_names_are_deterministic_and_budgets_follow_compute() -> None:
     assert SearchPoint(2, "identity", None, 0.003, 4).name == "K2-identity-lr0.003"
 
 
+def test_placements_are_a_grid_dimension_with_flops_ratios() -> None:
+    from tli.config import InjectConfig
+    from tli.inject.plan import make_plan
+
+    cfg = _cfg(intervals=[2], placements=["uniform", "top", "bottom"], steps=12,
+               objective="loss_at_equal_compute")  # fmt: skip
+
+    # FLOPs per token of a made-up cost: a new layer near the input back-propagates through
+    # more layers, as flops_per_token counts it: here 10 + (layers from the lowest new one).
+    def flops(inj: InjectConfig) -> float:
+        plan = make_plan(4, inj)
+        return 10.0 + plan.num_layers_out - min(plan.new_layers)
+
+    pts = search_points(cfg, num_layers=4, layer_params=10, base_params=100, flops_of=flops)
+    assert [p.name for p in pts] == ["K2-identity-lr0.003", "K2-top-identity-lr0.003",
+                                     "K2-bottom-identity-lr0.003"]  # fmt: skip
+    assert [p.flops_per_token for p in pts] == [14.0, 13.0, 15.0]
+    # Equal compute: the cheapest (top) gets the budget, the others proportionally fewer steps.
+    assert [p.steps for p in pts] == [round(12 * 13 / 14), 12, round(12 * 13 / 15)]
+    top = pts[1].inject_config(cfg.inject)
+    assert top.placement == "top" and make_plan(4, top).params["positions"] == [2, 3]
+    assert pts[0].inject_config(cfg.inject).placement is None  # uniform = today's config
+    with pytest.raises(Exception, match="empty search space: --placements"):
+        search_points(_cfg(placements=[]), 4, 10, 100)
+
+
+def _row(trial: str, status: str, curve: list[tuple[int, float]], fpt: float) -> dict:
+    hist = [{"step": s, "val_loss": v} for s, v in curve]
+    return {"trial": trial, "status": status, "history": hist, "flops_per_token": fpt,
+            "tokens_per_step": 10, "objective": curve[-1][1], "steps_run": curve[-1][0]}  # fmt: skip
+
+
+def test_trials_are_compared_rung_by_rung_at_equal_steps_and_flops(tmp_path) -> None:
+    from tli.tune.results import rank_trials, rung_report, search_markdown, write_rungs_csv
+
+    # ASHA stopped C at step 2 with a lower loss than A's final one: C must not win on it.
+    rows = rank_trials([
+        _row("A", "completed", [(2, 3.0), (4, 2.5)], fpt=2.0),   # twice B's FLOPs per token
+        _row("B", "completed", [(2, 2.9), (4, 2.6)], fpt=1.0),
+        _row("C", "stopped", [(2, 2.4)], fpt=1.0),
+    ])  # fmt: skip
+    assert [r["trial"] for r in rows] == ["A", "B", "C"]
+    rep = rung_report(rows, "loss")
+    assert rep["winner"] == "A" and "equal steps" in rep["chosen_by"]
+    assert "ASHA stopped C" in rep["chosen_by"]
+    assert [(x["step"], x["best"]) for x in rep["at_steps"]] == [(2, "C"), (4, "A")]
+    assert rep["steps_best"] == "A"
+    # Equal FLOPs: A's budgets 40 and 80 FLOPs; B reaches 40 at step 4 (2.6); C at step 2 only
+    # (20 FLOPs) is outside; at 80 only A measured.
+    (at40, at80) = rep["at_flops"]
+    assert at40["flops"] == 40.0 and at40["losses"] == {"A": 3.0, "B": 2.6}
+    assert at80["losses"] == {"A": 2.5}
+    assert rep["flops_best"] == "B" and rep["agree"] is False
+    md = search_markdown(rows, rep)
+    assert "Winner: **A**" in md and "disagrees: B is best there" in md
+    write_rungs_csv(rows, tmp_path / "rungs.csv")
+    with (tmp_path / "rungs.csv").open() as fh:
+        got = list(csv.DictReader(fh))
+    assert [(r["trial"], r["step"], r["rank_at_step"]) for r in got] == [
+        ("A", "2", "3"), ("A", "4", "1"), ("B", "2", "2"), ("B", "4", "2"), ("C", "2", "1"),
+    ]  # fmt: skip
+    assert got[0]["train_flops"] == "40"
+
+
 def test_nonfinite_losses_rank_last_and_stop_the_trial() -> None:
     from tli.tune.trial import stop_nonfinite as _stop_nonfinite
     from tli.tune.trial import trial_metrics
@@ -151,19 +215,40 @@ def test_resume_without_an_interrupted_search_is_refused(tmp_path, capsys) -> No
 # ------------------------------------------------------------------------------ Ray searches
 
 
-def test_three_intervals_with_asha(ray_tune, tiny_model_dir, corpus, tmp_path, capsys) -> None:
-    out = run_tune(tiny_model_dir, tmp_path / "tune", corpus, _cfg())
+def test_intervals_and_placements_with_asha(
+    ray_tune, tiny_model_dir, corpus, tmp_path, capsys
+) -> None:
+    cfg = _cfg(intervals=[2, 4], placements=["uniform", "bottom"])
+    out = run_tune(tiny_model_dir, tmp_path / "tune", corpus, cfg)
     rows = _rows(out)
-    assert len(rows) == 3
-    assert sorted(int(r["interval"]) for r in rows) == [1, 2, 4]
-    assert {r["trial"] for r in rows} == {f"K{k}-identity-lr0.003" for k in (1, 2, 4)}
-    losses = [float(r["objective"]) for r in rows]
+    assert len(rows) == 4
+    assert {r["trial"] for r in rows} == {
+        "K2-identity-lr0.003", "K2-bottom-identity-lr0.003", "K4-identity-lr0.003",
+        "K4-bottom-identity-lr0.003",
+    }  # fmt: skip
+    # Best first as ASHA promoted them: the completed trials by loss, then the stopped ones.
+    done = [r for r in rows if r["status"] == "completed"]
+    assert rows[: len(done)] == done and done, "completed trials rank first"
+    losses = [float(r["objective"]) for r in done]
     assert losses == sorted(losses), "trials.csv is best first"
     for r in rows:
         assert r["status"] in ("completed", "stopped"), r
         assert int(r["layers_out"]) == 4 + 4 // int(r["interval"])
         assert int(r["steps_run"]) in (2, 4)
         assert (r["stopped_early"] == "True") == (int(r["steps_run"]) < 4)
+        # Bottom placement back-propagates through every layer: more FLOPs than uniform's.
+        assert float(r["train_flops"]) == pytest.approx(
+            float(r["flops_per_token"]) * SEQ * 2 * int(r["steps_run"]), rel=1e-4
+        )
+    fpt = {r["trial"]: float(r["flops_per_token"]) for r in rows}
+    assert fpt["K4-bottom-identity-lr0.003"] > fpt["K4-identity-lr0.003"]
+    # The fair report: rung by rung, and which comparison chose the winner.
+    search = (out / "search.md").read_text()
+    assert f"Winner: **{rows[0]['trial']}**" in search and "At equal training FLOPs" in search
+    assert "# chosen by validation loss at equal steps" in (out / "best.yaml").read_text()
+    state = json.loads((out / "tli_tune.json").read_text())["result"]
+    assert state["chosen_by"].startswith("validation loss at equal steps")
+    assert (out / "rungs.csv").read_text().startswith("trial,step,train_flops,val_loss")
     # Ray's experiment folder, one sub-folder per trial named after it; the plot.
     assert {p.name for p in (out / "ray").iterdir() if p.is_dir()} == {r["trial"] for r in rows}
     assert (out / "tune.png").stat().st_size > 10_000

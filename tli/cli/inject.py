@@ -11,9 +11,12 @@ from tli.cli.jobs import add_dry_run
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inject",
-        help="inject layers into a model (TLI, DUS, stack), streaming",
-        description="Upscale an HF model folder in depth. Tensors are streamed shard by shard: "
-        "the model is never held in memory. Writes the folder atomically.",
+        help="inject layers into a model (TLI, LLaMA Pro, DUS, stack) or upcycle it to MoE",
+        description="Upscale an HF model folder in depth (--method tli, llama-pro, dus, stack), "
+        "or upcycle its MLPs into experts (--method moe --experts E --top-k K: the family's MoE "
+        "sibling, e.g. Llama -> Mixtral). Tensors are streamed shard by shard: the model is "
+        "never held in memory. Writes the folder atomically. A flag of another method than the "
+        "chosen one is an error.",
     )
     p.add_argument(
         "--model",
@@ -35,20 +38,30 @@ def handler(args: argparse.Namespace) -> int:
 
     from tli.cli.flags import given_flags, resolve_args, runtime_of
     from tli.cli.jobs import model_or_base
+    from tli.config import METHOD_FIELDS, methods_using
     from tli.errors import TliError
     from tli.inject.stage import prepare, run_inject
+    from tli.output import precheck
 
     run = resolve_args(args)
     cfg = run.config.inject
-    if cfg.method != "tli":
-        set_tli = [k for k in ("init", "alpha", "source", "positions")
-                   if k in given_flags(args, "inject")]  # fmt: skip
-        if set_tli:
-            raise TliError(f"--{set_tli[0]} applies to --method tli only, not {cfg.method}")
+    # A flag the chosen method ignores is an error even when it repeats the default (the
+    # config's own check can only see values that differ from it).
+    for name in given_flags(args, "inject"):
+        if name != "method" and name not in METHOD_FIELDS[cfg.method]:
+            flag = "--" + name.replace("_", "-")
+            owners = " / ".join(methods_using(name))
+            raise TliError(f"{flag} applies to --method {owners} only, not {cfg.method}")
     runtime = runtime_of(args, **({"progress": False} if args.quiet else {}))
     model = model_or_base(args.model, run.config.base.model)
     if args.dry_run:
-        _print_plan(prepare(cfg, {"base": model}, runtime).plan)
+        job = prepare(cfg, {"base": model}, runtime)
+        precheck(Path(args.out), force=args.force, protect=[model])  # what the run would refuse
+        if job.moe is not None:
+            _print_moe(job.describe())
+        else:
+            _print_plan(job.plan)
+        print(f"would write {job.describe()['bytes_out']:,} bytes to {args.out} (dry run)")
         return 0
     out = run_inject(model, Path(args.out), cfg, force=args.force, runtime=runtime)
     _print_summary(out)
@@ -67,6 +80,24 @@ def _print_plan(plan) -> None:
         t.add_row(
             str(s.index), "+".join(map(str, s.sources)), s.init, f"{s.out_scale:g}", style=style
         )
+    Console().print(t)
+
+
+def _print_moe(d: dict) -> None:
+    """The MoE upcycling a dry run would write: the sibling, its settings and sizes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    moe, params = d["moe"], d["parameters"]
+    t = Table(title=f"plan: moe {d['plan']['num_layers_in']} layers -> {moe['architecture']}")
+    t.add_column("")
+    t.add_column("value", justify="right")
+    for k, v in moe["spec"].items():
+        t.add_row(k, "none" if v is None else str(v))
+    t.add_row("parameters (dense)", f"{params['before']:,}")
+    t.add_row("parameters (total)", f"{params['after']:,}")
+    t.add_row("parameters (active per token)", f"{params['active']:,}")
+    t.add_row("function-preserving", "yes" if d["plan"]["function_preserving"] else "no")
     Console().print(t)
 
 
@@ -95,6 +126,12 @@ def _print_summary(out) -> None:
     t.add_column("upscaled", justify="right")
     t.add_row("layers", str(plan["num_layers_in"]), str(plan["num_layers_out"]))
     t.add_row("parameters", f"{prov['parameters']['before']:,}", f"{prov['parameters']['after']:,}")
-    t.add_row("new layers", "", ranges(plan["new_layers"]))
+    if "moe" in prov:
+        t.add_row("architecture", "", prov["moe"]["architecture"])
+        t.add_row("experts / top-k", "", f"{prov['moe']['spec']['experts']} / "
+                  f"{prov['moe']['spec']['top_k']}")  # fmt: skip
+        t.add_row("active parameters", "", f"{prov['parameters']['active']:,}")
+    else:
+        t.add_row("new layers", "", ranges(plan["new_layers"]))
     t.add_row("function-preserving", "", "yes" if plan["function_preserving"] else "no")
     Console().print(t)

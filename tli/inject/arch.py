@@ -59,6 +59,13 @@ ARCHS: dict[str, ArchSpec] = {
     # Phi-3 fuses qkv and gate/up, but its residual writers keep the Llama names.
     "Phi3ForCausalLM": ArchSpec("phi3"),
     "SmolLM3ForCausalLM": ArchSpec("smollm3", per_layer_lists=("layer_types", "no_rope_layers")),
+    # The MoE siblings that `tli inject --method moe` writes (tli.inject.moe), known so that
+    # their folders open as decoders for training and evaluation. Their MLP output is a sum
+    # over experts, with no single residual writer to zero: tli does not inject layers into
+    # them (tli.inject.stage refuses), so only the attention's is listed.
+    "MixtralForCausalLM": ArchSpec("mixtral", residual_out=("self_attn.o_proj",)),
+    "Qwen2MoeForCausalLM": ArchSpec("qwen2_moe", residual_out=("self_attn.o_proj",)),
+    "Qwen3MoeForCausalLM": ArchSpec("qwen3_moe", residual_out=("self_attn.o_proj",)),
 }
 
 

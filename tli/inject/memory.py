@@ -18,6 +18,9 @@ from tli.inject.surgery import blend, rewrite_config
 def inject_in_memory(model: Any, plan: Plan) -> Any:
     """Apply ``plan`` to a loaded HF causal LM (in place) and return it.
 
+    An ``moe`` plan returns a new model instead (the family's MoE sibling, built by
+    :func:`tli.inject.moe.moe_in_memory`; the dense model is left as it is).
+
     Used where writing a folder would be waste (a Tune trial builds its model from the shared
     base). Original layers are reused as they are; every new layer is a deep copy, blended and
     scaled by the same :func:`blend` as the streaming path. Each attention module's ``layer_idx``
@@ -27,6 +30,10 @@ def inject_in_memory(model: Any, plan: Plan) -> Any:
 
     import torch
 
+    if plan.method == "moe":  # a new model: the MoE sibling, from the same tensor functions
+        from tli.inject.moe import MoeSpec, moe_in_memory
+
+        return moe_in_memory(model, MoeSpec(**plan.params))
     spec = arch_for(model.config.to_dict(), [n for n, _ in model.named_parameters()])
     layers = model.model.layers
     if len(layers) != plan.num_layers_in:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tli.drills import drill
 from tli.errors import TliError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -100,10 +101,16 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     idx = model_dir / INDEX_FILE
     if idx.is_file():
         try:
-            wmap = json.loads(idx.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError):
+            wmap = json.loads(idx.read_bytes())["weight_map"]
+            names = set(wmap.values())
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
             raise TliError(f"corrupt {idx}: it has no valid weight_map") from None
-        files = sorted({model_dir / f for f in wmap.values()})
+        # Shard names are file names in this folder: never a path that leaves it.
+        odd = sorted(str(f) for f in names if not isinstance(f, str) or Path(f).name != f
+                     or f in ("", ".", ".."))  # fmt: skip
+        if odd:
+            raise TliError(f"{idx.name} names a shard outside {model_dir}: {odd[0]!r}")
+        files = sorted({model_dir / f for f in names})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise TliError(f"{idx.name} lists missing shards: {', '.join(missing)}")
@@ -354,7 +361,9 @@ def _write_shard(
         for run in _copy_runs(shard):
             nbytes = sum(t.nbytes for t in run)
             _write_run(run, fd, pos, src_fds, progress)
+            drill("inject.run", path.name)  # a no-op unless a fault drill is armed
             pos += nbytes
+        drill("inject.shard", path.name)
     finally:
         os.close(fd)
         for sfd in src_fds.values():

@@ -9,7 +9,9 @@ stays untouched for the final evaluation), reported every ``tune.trial.validatio
 so ASHA can stop poor trials early.
 
 Output: ``trials.csv``, ``best.yaml`` (a whole run config accepted by ``tli inject --config``
-and ``tli train --config``), ``tune.png``, ``tli_tune.json`` (inputs, resolved config, versions,
+and ``tli train --config``), ``tune.png``, ``search.md`` and ``rungs.csv`` (the trials compared
+rung by rung at equal steps and at equal training FLOPs, and which comparison chose the winner:
+:func:`tli.tune.results.rung_report`), ``tli_tune.json`` (inputs, resolved config, versions,
 best trial) and ``ray/`` (Ray Tune's own experiment folder, one sub-folder per trial, named
 after the trial). A killed search resumes from ``ray/`` without rerunning finished trials.
 """
@@ -24,14 +26,30 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tli import __version__, rayenv
+from tli import __version__, rayenv, remote, tracking
 from tli.config import RunConfig, Runtime, dump_yaml
+from tli.drills import drill
 from tli.errors import TliError
 from tli.modelfolder import ModelFolder
 from tli.output import partial_of, precheck, staged
 from tli.provenance import header_fingerprint, package_versions
-from tli.train.inputs import check_context, training_blocks, validation_blocks
-from tli.tune.results import collect_trials, print_summary, write_plot, write_trials_csv
+from tli.train.inputs import (
+    check_context,
+    check_validation,
+    count_training_blocks,
+    training_blocks,
+    training_stream,
+    validation_blocks,
+)
+from tli.tune.results import (
+    collect_trials,
+    print_summary,
+    rung_report,
+    search_markdown,
+    write_plot,
+    write_rungs_csv,
+    write_trials_csv,
+)
 from tli.tune.space import (
     SearchPoint,
     best_run_config,
@@ -47,6 +65,8 @@ STATE_FILE = "tli_tune.json"  # inputs + config (for --resume) and, at the end, 
 TRIALS_CSV = "trials.csv"
 BEST_YAML = "best.yaml"
 PLOT = "tune.png"
+RUNGS_CSV = "rungs.csv"  # every trial's validation loss at every report: step, FLOPs, rank
+SEARCH_MD = "search.md"  # the trials compared at equal steps and at equal FLOPs
 
 
 class TuneInterrupted(TliError):
@@ -120,27 +140,56 @@ def prepare(cfg: RunConfig, inputs: dict[str, Any], runtime: Runtime) -> TuneJob
     check_context(base, cfg.train.seq_len)
     if rayenv.will_start_local(runtime.ray_address):
         rayenv.check_local_capacity(cfg.train.workers, cfg.tune.concurrency, cfg.train.gpu)
+    rayenv.check_runtime(runtime.ray_address, runtime.storage, runtime.connect_timeout_s)
     data = inputs["data"]
     paths = [Path(p) for p in (data if isinstance(data, list | tuple) else [data])]
-    training_blocks(paths, base.path, cfg.train)
-    validation_blocks(paths, base.path, trial_cfg(cfg), required=True)
+    count_training_blocks(paths, base.path, cfg.train)
+    check_validation(paths, base.path, trial_cfg(cfg))
     layer_params, base_params = _counts(base)
-    points = search_points(cfg, base.num_layers, layer_params, base_params)
+    points = search_points(cfg, base.num_layers, layer_params, base_params,
+                           flops_of=_flops_of(base, cfg))  # fmt: skip
     if cfg.train.warmup >= min(p.steps for p in points):
         print(
             f"note: --warmup {cfg.train.warmup} is not shorter than a trial's "
             f"{min(p.steps for p in points)} steps: trials never reach their learning rate "
-            "(set --warmup below --steps for the search)",
+            "(set --warmup below --trial-steps for the search)",
             file=sys.stderr,
         )
     return TuneJob(cfg, base, paths, tuple(points), layer_params, base_params, runtime)
 
 
+def _flops_of(base: ModelFolder, cfg: RunConfig) -> Any:
+    """Training FLOPs per token of the model an inject config makes of ``base`` (no weights:
+    its config on the meta device), for the equal-compute comparisons."""
+    from tli.compare.cost import training_cost
+    from tli.inject.plan import make_plan
+    from tli.inject.surgery import layer_lists, rewrite_config
+
+    assert base.arch is not None
+    lists = layer_lists(base.path, base.config, base.arch, base.num_layers)
+
+    def flops(inject: Any) -> float:
+        plan = make_plan(base.num_layers, inject)
+        config = rewrite_config(base.config, plan, base.arch, lists)  # type: ignore[arg-type]
+        train = cfg.train
+        return training_cost(config, train.freeze, plan.new_layers, train.seq_len).flops_per_token
+
+    return flops
+
+
+def _tokens_per_step(cfg: RunConfig) -> int:
+    t = cfg.train
+    return t.seq_len * t.batch_size * t.workers * t.grad_accum
+
+
 def resumable(out: Path) -> str | None:
-    """What an interrupted search left in ``out``: its saved state and Ray Tune's experiment."""
-    if (out / STATE_FILE).is_file() and any((out / EXPERIMENT).glob("experiment_state*.json")):
-        done = sum(1 for _ in (out / EXPERIMENT).glob("*/result.json"))
-        return f"search state with {done} trial folder(s)"
+    """What an interrupted search left for ``out``: its saved state and Ray Tune's experiment
+    (in ``out/ray``, or under ``runtime.storage`` where its pointer says)."""
+    exp = rayenv.ray_run(out, EXPERIMENT)
+    names = remote.listdir(exp) if (out / STATE_FILE).is_file() else []
+    if any(n.startswith("experiment_state") and n.endswith(".json") for n in names):
+        done = sum(remote.is_file(remote.location_join(exp, n, "result.json")) for n in names)
+        return f"search state with {done} trial folder(s) in {exp}, finished trials kept"
     return None
 
 
@@ -157,54 +206,51 @@ def execute(job: TuneJob, out: Path) -> None:
         (out / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     t0 = time.perf_counter()
     grid = _search(job, out, resume)
+    drill("tune.results", 1)  # a no-op unless a fault drill is armed
     rows = collect_trials(grid, list(job.points), job.base.num_layers, job.layer_params,
-                          job.base_params)  # fmt: skip
+                          job.base_params, _tokens_per_step(job.cfg))  # fmt: skip
     _write_results(job, out, rows, state, time.perf_counter() - t0)
     print_summary(rows)
+    tracking.record_tune(label=job.base.name, params=_search_params(job), rows=rows)
     if rows[0]["objective"] is None if rows else True:
         raise NoTrialSucceeded(f"every trial failed: see {TRIALS_CSV}")
 
 
 def _search(job: TuneJob, out: Path, resume: bool) -> Any:
     """Ray Tune's results of the whole grid (restored from ``out/ray`` when resuming)."""
-    import ray
     from ray import tune
 
-    from tli.modelfolder import load_causal_lm
-
     cfg, rt = job.cfg, job.runtime
-    local = rayenv.will_start_local(rt.ray_address)
-    with rayenv.session(rt.ray_address) as started:
-        plan = rayenv.plan_workers(
-            ray.cluster_resources().get("CPU", 0), cfg.train.workers,
-            concurrency=cfg.tune.concurrency, driver_cpus=rayenv.DRIVER_CPUS,
-            share_all=local or started or _single_node(), cpus_per_worker=rt.cpus_per_worker,
-            threads=rt.threads,
+    with rayenv.session(rt.ray_address, timeout_s=rt.connect_timeout_s) as started:
+        # A cluster that can grow is waited for (the autoscaler asked), one that cannot refused.
+        plan = rayenv.plan_on_cluster(
+            cfg.train.workers, gpu=cfg.train.gpu, started=started, timeout_s=rt.scale_timeout_s,
+            what="tune", concurrency=cfg.tune.concurrency, driver_cpus=rayenv.DRIVER_CPUS,
+            cpus_per_worker=rt.cpus_per_worker, threads=rt.threads,
         )  # fmt: skip
-        model = load_causal_lm(job.base.path)  # the one read of the base
-        state = {k: v.detach() for k, v in model.state_dict().items()}
+        # Tune's experiment and the trials' Ray Train runs: in out, or under runtime.storage.
+        storage = rayenv.ray_storage(out, rt.storage, EXPERIMENT)
         shared = {
-            "base": ray.put({"config": model.config.to_dict(), "state": state}),
-            "train_blocks": ray.put(training_blocks(job.data, job.base.path, cfg.train)),
-            "val_blocks": ray.put(validation_blocks(job.data, job.base.path, trial_cfg(cfg),
-                                                    required=True)),
+            # Each trial's workers build their upscaled model from the stored base folder
+            # (only their own shards under FSDP): no copy of the base in the object store.
+            "base_dir": str(job.base.path.resolve()),
+            **_trial_data(job),
             "run_config": cfg.model_dump(mode="json"),
             "num_layers": job.base.num_layers,
             "plan": plan,
-            "train_storage": str((out / TRAIN_RUNS).resolve()),
+            "train_storage": remote.location_join(storage, TRAIN_RUNS),
         }  # fmt: skip
-        del model, state
         trainable = tune.with_resources(
             tune.with_parameters(trial_driver, shared=shared), {"CPU": rayenv.DRIVER_CPUS}
         )
-        exp_path = str((out / EXPERIMENT).resolve())
+        exp_path = rayenv.ray_run(out, EXPERIMENT)
         if resume and tune.Tuner.can_restore(exp_path):
-            print(f"tli tune: resuming the search in {exp_path}", flush=True)
+            print(f"tli tune: resuming the search in {exp_path} ({resumable(out)})", flush=True)
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False,  # a failed trial is a result
                                        restart_errored=False)  # fmt: skip
         else:
-            tuner = _new_tuner(job, trainable, out)
+            tuner = _new_tuner(job, trainable, storage)
         grid = tuner.fit()
         # What a resume will see: the experiment state Tune saved before it cleaned up (after
         # an interrupt the in-memory trials all read TERMINATED, the saved ones RUNNING).
@@ -218,7 +264,23 @@ def _search(job: TuneJob, out: Path, resume: bool) -> Any:
     return grid
 
 
-def _new_tuner(job: TuneJob, trainable: Any, out: Path) -> Any:
+def _trial_data(job: TuneJob) -> dict[str, Any]:
+    """The trials' data: every block in the object store (``train.feed: memory``), or the
+    train split's token index for each trial's Ray Data feed (``stream``; tokenised here, with
+    Ray Data, where the cache lacks shards), and the validation blocks (the objective)."""
+    import ray
+
+    cfg = job.cfg
+    val = validation_blocks(job.data, job.base.path, trial_cfg(cfg), required=True)
+    if cfg.train.feed == "memory":
+        train = {"train_blocks": ray.put(training_blocks(job.data, job.base.path, cfg.train))}
+    else:
+        train = {"train_index": training_stream(job.data, job.base.path, cfg.train),
+                 "cache_node": ray.get_runtime_context().get_node_id()}  # fmt: skip
+    return {**train, "val_blocks": ray.put(val)}
+
+
+def _new_tuner(job: TuneJob, trainable: Any, storage: str) -> Any:
     from ray import tune
 
     cfg = job.cfg
@@ -238,13 +300,21 @@ def _new_tuner(job: TuneJob, trainable: Any, out: Path) -> Any:
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT,
-            storage_path=str(out.resolve()),
+            storage_path=storage,
             stop=stop_nonfinite,
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=1,  # Tune's status table; the workers print a line per step
-            callbacks=list(job.callbacks),
+            callbacks=[
+                *job.callbacks,
+                *tracking.live_tune_callbacks(label=job.base.name, params=_search_params(job)),
+            ],
         ),
     )
+
+
+def _search_params(job: TuneJob) -> dict[str, Any]:
+    """What a search's tracking run shows as params: the sections it reads."""
+    return {k: getattr(job.cfg, k).model_dump(mode="json") for k in ("tune", "inject", "train")}
 
 
 def _write_results(
@@ -254,23 +324,36 @@ def _write_results(
 
     write_trials_csv(rows, out / TRIALS_CSV)
     write_plot(rows, out / PLOT, job.cfg.tune.objective)
+    rungs = rung_report(rows, job.cfg.tune.objective)
+    write_rungs_csv(rows, out / RUNGS_CSV)
+    (out / SEARCH_MD).write_text(search_markdown(rows, rungs))
     best = rows[0] if rows and rows[0]["objective"] is not None else None
     if best is not None:
         point = next(p for p in job.points if p.name == best["trial"])
         header = (
             f"# tli tune: best of {len(rows)} trials: {best['trial']} "
             f"(validation loss {best['objective']:.4f} after {best['steps_run']} steps)\n"
+            f"# chosen by {rungs['chosen_by']}"
+            + (f"; at equal training FLOPs {rungs['flops_best']} is best" if rungs["flops_best"]
+               else "") + f" (see {SEARCH_MD})\n"
             "# use with: tli inject --config best.yaml ... ; tli train --config best.yaml ...\n"
-        )
+        )  # fmt: skip
         (out / BEST_YAML).write_text(header + dump_yaml(best_run_config(job.cfg, point)))
     state["result"] = {
         "best": {k: v for k, v in best.items() if k != "history"} if best else None,
+        "chosen_by": rungs["chosen_by"],
+        "equal_flops_best": rungs["flops_best"],
+        "equal_flops_agrees": rungs["agree"],
         "trials": len(rows),
         "status": {s: sum(r["status"] == s for r in rows) for s in {r["status"] for r in rows}},
         "wall_s": wall,
         "versions": package_versions(("torch", "ray", "transformers")),
     }
     (out / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    exp = rayenv.ray_run(out, EXPERIMENT)
+    if exp != str((out / EXPERIMENT).resolve()):  # the output holds it whatever the storage
+        remote.copy_tree(exp, out / EXPERIMENT)
+    remote.remove_tree(remote.location_join(rayenv.stored_at(out, EXPERIMENT), TRAIN_RUNS))
     shutil.rmtree(out / TRAIN_RUNS, ignore_errors=True)
 
 
@@ -287,15 +370,6 @@ def _scheduler(cfg: RunConfig) -> Any:
     return ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=grace, reduction_factor=2)
 
 
-def _single_node() -> bool:
-    """A Ray of one node no bigger than this machine (tests, notebooks, a local head)."""
-    import os
-
-    import ray
-
-    return len(ray.nodes()) == 1 and ray.cluster_resources().get("CPU", 0) <= (os.cpu_count() or 1)
-
-
 # ---------------------------------------------------------------------------- the command
 
 
@@ -306,8 +380,7 @@ def _saved_inputs(out: Path, base: Any, data: Any, cfg: RunConfig | None) -> tup
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         raise TliError(
-            f"nothing to resume: {partial_of(out)} holds no interrupted search "
-            "(start a new one)"
+            f"nothing to resume: {partial_of(out)} holds no interrupted search (start a new one)"
         ) from None
     given = {
         "base_dir": str(Path(base).resolve()) if base is not None else None,

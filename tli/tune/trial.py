@@ -4,17 +4,18 @@ Each trial is a Tune *driver function* (:func:`trial_driver`) that runs Ray Trai
 ``TorchTrainer`` (:func:`tli.train.worker.make_trainer`) with the very per-worker loop
 ``tli train`` uses; metrics reach Tune through ``TuneReportCallback`` (the Ray 2.60 Tune + Train
 pattern; ``Tuner(trainer)`` is gone). The trial's workers build the upscaled model in memory
-from the base that the search put in Ray's object store once (:func:`build_trial_model`).
+from the stored base folder and the trial's plan, on the meta device, each reading only the
+rows it trains (:class:`tli.train.shard.InjectedWeights`): no copy of the base per trial, none
+in the object store. The data is the search's: every block in the object store, or each
+worker's own stream (``train.feed: stream``).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import shutil
-from pathlib import Path
 from typing import Any
 
+from tli import remote
 from tli.config import RunConfig
 from tli.tune.space import SearchPoint, trial_train_config
 
@@ -22,7 +23,10 @@ METRIC = "objective"
 
 
 def build_trial_model(base: Any, plan: dict[str, Any]) -> Any:
-    """The upscaled model of one trial, built in memory from the shared base.
+    """The upscaled model of one trial, built in memory from a loaded base (the whole model).
+
+    The trials themselves no longer use it (their workers read the base folder by rows); it is
+    the plain reference that build is checked against.
 
     Args:
         base: ``{"config": <HF config dict>, "state": <state dict>}``, or a Ray object ref of it
@@ -104,20 +108,27 @@ def trial_driver(config: dict[str, Any], shared: dict[str, Any]) -> None:
     train = trial_train_config(run, point)
     plan = make_plan(shared["num_layers"], point.inject_config(run.inject))
     name = ray.tune.get_context().get_trial_name()
+    feed = None
+    if shared.get("train_index") is not None:
+        from tli.data.stream import feed_spec
+
+        feed = feed_spec(shared["train_index"], train, 0, shared.get("cache_node"))
     loop_config = {
         "train": train.model_dump(mode="json"),
-        "build_model": functools.partial(build_trial_model, shared["base"], plan.to_dict()),
-        "train_blocks": shared["train_blocks"],
+        "base_dir": shared["base_dir"],
+        "plan": plan.to_dict(),
+        "train_blocks": shared.get("train_blocks"),
         "val_blocks": shared["val_blocks"],
         "new_layers": list(plan.new_layers),
         "threads": shared["plan"].threads,
         "report_every": run.tune.trial.validation.every or point.steps,
     }
-    storage = Path(shared["train_storage"])
+    storage = shared["train_storage"]  # a folder, or an s3:// URI under runtime.storage
+    report = _report_callback(point.compute_ratio)
     trainer = make_trainer(loop_config, train, shared["plan"], storage=storage, name=name,
-                           callbacks=[_report_callback(point.compute_ratio)])  # fmt: skip
+                           callbacks=[report], feed=feed)  # fmt: skip
     try:
         trainer.fit()
     finally:
         # The final checkpoint holds the trial's weights: not an output of the search.
-        shutil.rmtree(storage / name, ignore_errors=True)
+        remote.remove_tree(remote.location_join(storage, name))

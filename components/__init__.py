@@ -6,8 +6,11 @@ empty, ``install_kfp_package=False``): the project image (``infra/Dockerfile``) 
 and the local runner uses the current environment. Each one calls
 :func:`tli.pipeline.runner.run_component`, which runs the stage through the stage store, as a
 Ray job on the head whose Jobs API is ``ray_jobs`` (or in the component's own process when that
-is None), and writes a small JSON reference (stage, version, path, content hash) as the
-component's output artifact.
+is None), writes a small JSON reference (stage, version, path, content hash) as the file of the
+component's main output artifact (what the next components read), and fills its typed outputs
+from the stored version (:mod:`tli.pipeline.artifacts`): ``Model`` / ``Dataset`` metadata,
+``Metrics``, ``Markdown`` and ``HTML`` for the Kubeflow UI. The export step
+(:mod:`components.export`) runs in its own pod: it only reads the store and writes elsewhere.
 """
 
 # The image every step runs in. Compiling with `tli pipeline compile --image NAME` replaces it

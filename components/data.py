@@ -3,7 +3,7 @@
 from typing import Optional
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Output
+from kfp.dsl import Dataset, Input, Model, Output
 
 from components import IMAGE
 
@@ -15,21 +15,20 @@ def build_data(
     rerun: list,
     runtime: str,
     data_config: str,
-    base: Input[Artifact],
-    result: Output[Artifact],
+    base: Input[Model],
+    dataset: Output[Dataset],
 ):
     """Build the corpus with the base model's tokenizer (stage ``data``)."""
     from tli.pipeline.runner import run_component
 
-    result.metadata.update(
-        run_component(
-            "data",
-            store=store,
-            ray_jobs=ray_jobs,
-            runtime=runtime,
-            sections={"data": data_config},
-            inputs={"base": base.path},
-            rerun=rerun,
-            output=result.path,
-        )
+    run_component(
+        "data",
+        store=store,
+        ray_jobs=ray_jobs,
+        runtime=runtime,
+        sections={"data": data_config},
+        inputs={"base": base.path},
+        rerun=rerun,
+        output=dataset.path,
+        artifacts={"ref": dataset},
     )

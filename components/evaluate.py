@@ -3,7 +3,7 @@
 from typing import Optional
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from components import IMAGE
 
@@ -15,22 +15,26 @@ def evaluate(
     rerun: list,
     runtime: str,
     eval_config: str,
-    model: Input[Artifact],
-    data: Input[Artifact],
+    tracking_config: str,
+    pipeline_run: str,
+    pipeline_run_id: str,
+    model: Input[Model],
+    data: Input[Dataset],
     result: Output[Artifact],
+    metrics: Output[Metrics],
 ):
     """Evaluate a model (base, injected or trained) (stage ``eval``)."""
     from tli.pipeline.runner import run_component
 
-    result.metadata.update(
-        run_component(
-            "eval",
-            store=store,
-            ray_jobs=ray_jobs,
-            runtime=runtime,
-            sections={"eval": eval_config},
-            inputs={"model": model.path, "data": data.path},
-            rerun=rerun,
-            output=result.path,
-        )
+    run_component(
+        "eval",
+        store=store,
+        ray_jobs=ray_jobs,
+        runtime=runtime,
+        sections={"eval": eval_config, "tracking": tracking_config},
+        inputs={"model": model.path, "data": data.path},
+        rerun=rerun,
+        output=result.path,
+        pipeline_run={"name": pipeline_run, "id": pipeline_run_id},
+        artifacts={"ref": result, "metrics": metrics},
     )

@@ -1,9 +1,9 @@
-"""Component: the base model as a stage version (bundled SmolLM2, or ``base.model``)."""
+"""Component: the base model as a stage version (bundled SmolLM2, a folder, or a Hub repo)."""
 
 from typing import Optional
 
 from kfp import dsl
-from kfp.dsl import Artifact, Output
+from kfp.dsl import Model, Output
 
 from components import IMAGE
 
@@ -15,20 +15,19 @@ def import_base(
     rerun: list,
     runtime: str,
     base_config: str,
-    result: Output[Artifact],
+    model: Output[Model],
 ):
     """Import the base model into the store (stage ``import-base``)."""
     from tli.pipeline.runner import run_component
 
-    result.metadata.update(
-        run_component(
-            "import-base",
-            store=store,
-            ray_jobs=ray_jobs,
-            runtime=runtime,
-            sections={"base": base_config},
-            inputs={},
-            rerun=rerun,
-            output=result.path,
-        )
+    run_component(
+        "import-base",
+        store=store,
+        ray_jobs=ray_jobs,
+        runtime=runtime,
+        sections={"base": base_config},
+        inputs={},
+        rerun=rerun,
+        output=model.path,
+        artifacts={"ref": model},
     )

@@ -3,7 +3,7 @@
 from typing import Optional
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Output
+from kfp.dsl import Artifact, Input, Model, Output
 
 from components import IMAGE
 
@@ -15,22 +15,21 @@ def inject(
     rerun: list,
     runtime: str,
     inject_config: str,
-    base: Input[Artifact],
+    base: Input[Model],
     tune: Input[Artifact],
-    result: Output[Artifact],
+    model: Output[Model],
 ):
     """Write the upscaled model (stage ``inject``)."""
     from tli.pipeline.runner import run_component
 
-    result.metadata.update(
-        run_component(
-            "inject",
-            store=store,
-            ray_jobs=ray_jobs,
-            runtime=runtime,
-            sections={"inject": inject_config},
-            inputs={"base": base.path, "tune": tune.path},
-            rerun=rerun,
-            output=result.path,
-        )
+    run_component(
+        "inject",
+        store=store,
+        ray_jobs=ray_jobs,
+        runtime=runtime,
+        sections={"inject": inject_config},
+        inputs={"base": base.path, "tune": tune.path},
+        rerun=rerun,
+        output=model.path,
+        artifacts={"ref": model},
     )

@@ -1,9 +1,9 @@
-"""Component: the run's report, report.md and report.html with plots (stage ``report``)."""
+"""Component: the run's report, as HTML (plots inline) and Markdown (stage ``report``)."""
 
 from typing import Optional
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Model, Output
 
 from components import IMAGE
 
@@ -14,15 +14,17 @@ def report(
     ray_jobs: Optional[str],  # noqa: UP045 (KFP reads typing annotations)
     rerun: list,
     runtime: str,
-    base: Input[Artifact],
-    data: Input[Artifact],
+    base: Input[Model],
+    data: Input[Dataset],
     tune: Input[Artifact],
-    inject: Input[Artifact],
-    train: Input[Artifact],
+    inject: Input[Model],
+    train: Input[Model],
     eval_base: Input[Artifact],
     eval_injected: Input[Artifact],
     eval_trained: Input[Artifact],
     result: Output[Artifact],
+    html: Output[HTML],
+    markdown: Output[Markdown],
 ):
     """Write the report of the run (stage ``report``)."""
     from tli.pipeline.runner import run_component
@@ -37,15 +39,14 @@ def report(
         "eval_injected": eval_injected.path,
         "eval_trained": eval_trained.path,
     }
-    result.metadata.update(
-        run_component(
-            "report",
-            store=store,
-            ray_jobs=ray_jobs,
-            runtime=runtime,
-            sections={},
-            inputs=inputs,
-            rerun=rerun,
-            output=result.path,
-        )
+    run_component(
+        "report",
+        store=store,
+        ray_jobs=ray_jobs,
+        runtime=runtime,
+        sections={},
+        inputs=inputs,
+        rerun=rerun,
+        output=result.path,
+        artifacts={"ref": result, "html": html, "markdown": markdown},
     )

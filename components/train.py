@@ -3,7 +3,7 @@
 from typing import Optional
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Output
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 from components import IMAGE
 
@@ -16,23 +16,26 @@ def train(
     runtime: str,
     train_config: str,
     tune_config: str,
-    model: Input[Artifact],
-    data: Input[Artifact],
+    tracking_config: str,
+    pipeline_run: str,
+    pipeline_run_id: str,
+    model: Input[Model],
+    data: Input[Dataset],
     tune: Input[Artifact],
-    result: Output[Artifact],
+    trained: Output[Model],
 ):
     """Train the injected model (with the tune stage's learning rate when it searched one)."""
     from tli.pipeline.runner import run_component
 
-    result.metadata.update(
-        run_component(
-            "train",
-            store=store,
-            ray_jobs=ray_jobs,
-            runtime=runtime,
-            sections={"train": train_config, "tune": tune_config},
-            inputs={"model": model.path, "data": data.path, "tune": tune.path},
-            rerun=rerun,
-            output=result.path,
-        )
+    run_component(
+        "train",
+        store=store,
+        ray_jobs=ray_jobs,
+        runtime=runtime,
+        sections={"train": train_config, "tune": tune_config, "tracking": tracking_config},
+        inputs={"model": model.path, "data": data.path, "tune": tune.path},
+        rerun=rerun,
+        output=trained.path,
+        pipeline_run={"name": pipeline_run, "id": pipeline_run_id},
+        artifacts={"ref": trained},
     )

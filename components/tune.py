@@ -3,7 +3,7 @@
 from typing import Optional
 
 from kfp import dsl
-from kfp.dsl import Artifact, Input, Output
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components import IMAGE
 
@@ -17,22 +17,32 @@ def tune(
     inject_config: str,
     train_config: str,
     tune_config: str,
-    base: Input[Artifact],
-    data: Input[Artifact],
+    tracking_config: str,
+    pipeline_run: str,
+    pipeline_run_id: str,
+    base: Input[Model],
+    data: Input[Dataset],
     result: Output[Artifact],
+    metrics: Output[Metrics],
+    trials: Output[Markdown],
 ):
-    """Search injection intervals (and inits, alphas, learning rates) on held-out loss."""
+    """Search injection intervals (and inits, alphas, learning rates) on validation loss."""
     from tli.pipeline.runner import run_component
 
-    result.metadata.update(
-        run_component(
-            "tune",
-            store=store,
-            ray_jobs=ray_jobs,
-            runtime=runtime,
-            sections={"inject": inject_config, "train": train_config, "tune": tune_config},
-            inputs={"base": base.path, "data": data.path},
-            rerun=rerun,
-            output=result.path,
-        )
+    run_component(
+        "tune",
+        store=store,
+        ray_jobs=ray_jobs,
+        runtime=runtime,
+        sections={
+            "inject": inject_config,
+            "train": train_config,
+            "tune": tune_config,
+            "tracking": tracking_config,
+        },
+        inputs={"base": base.path, "data": data.path},
+        rerun=rerun,
+        output=result.path,
+        pipeline_run={"name": pipeline_run, "id": pipeline_run_id},
+        artifacts={"ref": result, "metrics": metrics, "table": trials},
     )

@@ -70,7 +70,7 @@ import os
 import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -419,6 +419,7 @@ class MlflowTracker:
         self._client: Any = None
         self._experiment_id: str | None = None
         self._run_id: str | None = None
+        self._kept_end_ms: int | None = None
 
     # -- plumbing
 
@@ -612,15 +613,63 @@ class MlflowTracker:
             for i in range(0, len(tag_list), MAX_PARAMS_TAGS_PER_BATCH):
                 self._client.log_batch(run_id, tags=tag_list[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
-    def end(self, status: Status = "FINISHED", *, end_time: float | None = None) -> None:
-        """Mark the run ended (``end_time`` in unix seconds; now when ``None``)."""
+    def end(
+        self, status: Status = "FINISHED", *, end_time: float | None = None,
+        keep_end_time: bool = False,
+    ) -> None:  # fmt: skip
+        """Mark the run ended (``end_time`` in unix seconds; now when ``None``).
+
+        ``keep_end_time``: a run taken up again with :meth:`resume` keeps the end time it had.
+        """
         _check_status(status)
         run_id = self._require_run()
+        ms = None if end_time is None else _ms(end_time)
+        if ms is None and keep_end_time:
+            ms = self._kept_end_ms
         with self._calls("ending the run"):
-            self._client.set_terminated(
-                run_id, status=status, end_time=None if end_time is None else _ms(end_time)
-            )
+            self._client.set_terminated(run_id, status=status, end_time=ms)
         self._run_id = None
+
+    def resume(self, run_id: str) -> None:
+        """Take up an existing run again (to add tags or change its status)."""
+        self._connect()
+        with self._calls(f"reading run {run_id}"):
+            info = self._client.get_run(run_id).info
+        self._run_id, self._kept_end_ms = run_id, info.end_time
+
+    def _identity_query(self, run_name: str, tags: Mapping[str, str]) -> str | None:
+        key = TAG_VERSION if TAG_VERSION in tags else TAG_STAGE
+        if key not in tags or any("'" in str(v) for v in (run_name, tags[key])):
+            return None
+        return f"attributes.run_name = '{run_name}' and tags.`{key}` = '{tags[key]}'"
+
+    def latest_run(self, run_name: str, tags: Mapping[str, str]) -> RunHandle | None:
+        """The newest top-level run (any status) of this name with the same identity tags."""
+        query = self._identity_query(run_name, tags)
+        if query is None:
+            return None
+        self._connect()
+        wanted = {k: str(tags[k]) for k in _IDENTITY_TAGS if k in tags}
+        with self._calls(f"looking for run {run_name!r}"):
+            runs = self._client.search_runs([self._experiment_id], query, max_results=50,
+                                            order_by=["attributes.start_time DESC"])  # fmt: skip
+        for run in runs:
+            have = run.data.tags
+            if TAG_PARENT not in have and all(have.get(k) == wanted.get(k) for k in _IDENTITY_TAGS):
+                return self._handle(run_name, run.info.run_id)
+        return None
+
+    def child_runs(self, parent: RunHandle) -> dict[str, str]:
+        """``{run name: run id}`` of the runs nested under ``parent`` (the newest of a name)."""
+        self._connect()
+        query = f"tags.`{TAG_PARENT}` = '{parent.mlflow_run_id}'"
+        with self._calls("listing nested runs"):
+            runs = self._client.search_runs([self._experiment_id], query, max_results=1000,
+                                            order_by=["attributes.start_time DESC"])  # fmt: skip
+        out: dict[str, str] = {}
+        for run in runs:
+            out.setdefault(run.info.run_name, run.info.run_id)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -1143,6 +1192,7 @@ def tune_callbacks(
     search_name: str,
     tags: Mapping[str, str],
     params: Mapping[str, Any] | None = None,
+    config_key: str | None = None,
 ) -> list:
     """Ray Tune callbacks that log each trial live to MLflow (``[]`` when tracking is off).
 
@@ -1152,7 +1202,8 @@ def tune_callbacks(
     values (Ray's own keys left out) at the report's ``step`` (Tune's ``training_iteration``
     when it has none), stamped with its ``wall_time`` when present. Pass the list to
     ``tune.RunConfig(callbacks=...)``; the callbacks run in the driver, so ``uri`` must be
-    reachable from there. A resumed search opens new runs for the trials it restarts.
+    reachable from there. A resumed search opens new runs for the trials it restarts. An MLflow
+    error never stops the search: it is said once on stderr and the logging stops.
 
     Args:
         uri: From :func:`tracking_uri`; ``None`` = tracking off.
@@ -1160,13 +1211,17 @@ def tune_callbacks(
         search_name: The parent run's name.
         tags: :func:`stage_tags` and any others (parent and trials).
         params: The search's config, as the parent's params.
+        config_key: Log only ``trial.config[config_key]`` as a trial's params (tli's searches
+            keep a trial's hyperparameters under ``point``); ``None`` = the whole config.
 
     Returns:
         The callbacks (a list of one, or empty).
     """
     if uri is None:
         return []
-    return [_trial_logger_class()(uri, experiment, search_name, dict(tags), dict(params or {}))]
+    logger = _trial_logger_class()(uri, experiment, search_name, dict(tags), dict(params or {}))
+    logger.config_key = config_key
+    return [logger]
 
 
 @functools.cache
@@ -1195,50 +1250,412 @@ def _trial_logger_class() -> type:
             self._parent: MlflowTracker | None = None
             self._parent_handle: RunHandle | None = None
             self._trials: dict[Any, MlflowTracker] = {}
+            self.config_key: str | None = None
+            self._broken = False
 
         def __getstate__(self) -> dict[str, Any]:
             # Tune pickles its run config (callbacks included) for resuming: no live clients.
             state = self.__dict__.copy()
-            state.update(_parent=None, _parent_handle=None, _trials={})
+            state.update(_parent=None, _parent_handle=None, _trials={}, _broken=False)
             return state
+
+        def __setstate__(self, state: dict[str, Any]) -> None:
+            self.__dict__.update({"config_key": None, "_broken": False, **state})
+
+        @contextlib.contextmanager
+        def _guard(self, what: str) -> Iterator[None]:
+            """An MLflow failure is said once and ends the live logging, never the search."""
+            try:
+                yield
+            except Exception as err:
+                if not self._broken:
+                    import sys
+
+                    sys.stderr.write(f"tli: live MLflow logging stopped: {what}: "
+                                     f"{_one_line(err)}\n")  # fmt: skip
+                self._broken = True
 
         def setup(self, *args: Any, **kwargs: Any) -> None:
             self._parent = MlflowTracker(self.uri, self.experiment)
-            self._parent_handle = self._parent.start(
-                self.search_name, params=self.params, tags=self.tags
-            )
+            with self._guard("starting the search run"):
+                self._parent_handle = self._parent.start(
+                    self.search_name, params=self.params, tags=self.tags
+                )
 
         def log_trial_start(self, trial: Any) -> None:
-            if trial in self._trials:
+            if trial in self._trials or self._broken:
                 return
             tracker = MlflowTracker(self.uri, self.experiment)
-            tracker.start(
-                str(trial),
-                params=trial.config,
-                tags=self.tags,
-                nested_under=self._parent_handle,
-            )
-            self._trials[trial] = tracker
+            config = trial.config
+            if self.config_key is not None and isinstance(config.get(self.config_key), dict):
+                config = config[self.config_key]
+            with self._guard(f"starting the run of trial {trial}"):
+                tracker.start(
+                    str(trial), params=config, tags=self.tags, nested_under=self._parent_handle
+                )
+                self._trials[trial] = tracker
 
         def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
             if trial not in self._trials:
                 self.log_trial_start(trial)
+            if trial not in self._trials:
+                return
             step = result.get(STEP_KEY)
             if not _is_number(step) or int(step) != step:
                 step = result.get("training_iteration", iteration)
             record = {k: v for k, v in result.items() if k not in _RAY_RESULT_KEYS}
             record[STEP_KEY] = int(step)
-            self._trials[trial].log_history([record])
+            with self._guard(f"logging trial {trial}"):
+                self._trials[trial].log_history([record])
 
         def log_trial_end(self, trial: Any, failed: bool = False) -> None:
             tracker = self._trials.pop(trial, None)
-            if tracker is not None:
-                tracker.end("FAILED" if failed else "FINISHED")
+            if tracker is not None and tracker.run_id is not None:
+                with self._guard(f"ending the run of trial {trial}"):
+                    tracker.end("FAILED" if failed else "FINISHED")
 
         def on_experiment_end(self, trials: list, **info: Any) -> None:
             for trial in list(self._trials):
                 self.log_trial_end(trial, failed=trial.status == "ERROR")
             if self._parent is not None and self._parent.run_id is not None:
-                self._parent.end("FINISHED")
+                with self._guard("ending the search run"):
+                    self._parent.end("FINISHED")
 
     return MlflowTrialLogger
+
+
+# --------------------------------------------------------------------------------------------
+# Stage runs: what the train, tune and eval stages call at the end of their work
+
+EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+TAG_INPUT = "tli.input."  # + input name: "stage/version" of each stored input
+TB_STAGES = ("train", "tune")  # the stages with step histories for TensorBoard
+
+
+@dataclass(frozen=True)
+class StageTracking:
+    """Where one stage run logs, and the tags that identify it.
+
+    Attributes:
+        stage: The stage name.
+        version: Its store version; ``None`` for a standalone command (no store).
+        mlflow_uri: From :func:`tracking_uri`; ``None`` = no MLflow.
+        experiment: The MLflow experiment.
+        tensorboard: The root folder of event files; ``None`` = no TensorBoard.
+        tags: :func:`stage_tags`, the configured extra tags and ``tli.input.<name>``.
+        inputs: ``{input name: "stage/version"}`` of its stored inputs.
+    """
+
+    stage: str
+    version: str | None = None
+    mlflow_uri: str | None = None
+    experiment: str = DEFAULT_EXPERIMENT
+    tensorboard: Path | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+    inputs: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def on(self) -> bool:
+        """Whether anything is tracked."""
+        return self.mlflow_uri is not None or self.tensorboard is not None
+
+    def run_name(self, label: str) -> str:
+        """``<stage>-<version[:8]>`` (eval: ``eval-<model's stage>-<its version[:8]>``), or
+        ``<stage>-<label>`` for a standalone command."""
+        model = dict(self.inputs).get("model")
+        if self.stage == "eval" and model:
+            up_stage, _, up_version = model.partition("/")
+            return f"eval-{up_stage}-{up_version[:8]}"
+        return f"{self.stage}-{self.version[:8] if self.version else label}"
+
+    def tensorboard_dir(self, label: str) -> Path | None:
+        """``<root>/<stage>/<version or label>``, or ``None`` without TensorBoard."""
+        if self.tensorboard is None:
+            return None
+        return self.tensorboard / self.stage / _safe_dirname(self.version or label)
+
+
+def stage_tracking(
+    config: Any,
+    *,
+    stage: str,
+    version: str | None = None,
+    inputs: Mapping[str, str] | None = None,
+    root: str | Path | None = None,
+) -> StageTracking:
+    """Resolve the ``tracking`` section (and the environment) for one stage run.
+
+    Args:
+        config: The ``tracking`` section (a :class:`tli.config.TrackingConfig` or its dict);
+            ``None`` = the environment alone (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``).
+        stage: The stage name.
+        version: Its store version (``None``: a standalone command).
+        inputs: ``{input name: "stage/version"}`` of its stored inputs.
+        root: What a relative ``tensorboard`` folder is relative to (the store), else the
+            working directory.
+
+    Returns:
+        The :class:`StageTracking`.
+    """
+    if config is not None and not isinstance(config, Mapping):
+        config = config.model_dump(mode="json")
+    config = dict(config or {})
+    experiment = config.get("experiment") or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
+    tb = config.get("tensorboard")
+    tb_dir = None
+    if tb:
+        tb_dir = Path(tb).expanduser()
+        if not tb_dir.is_absolute():
+            tb_dir = Path(root or Path.cwd()).absolute() / tb_dir
+    tags = {TAG_STAGE: stage, **({TAG_VERSION: version} if version else {})}
+    tags.update({str(k): str(v) for k, v in (config.get("tags") or {}).items()})
+    inputs = dict(inputs or {})
+    tags.update({f"{TAG_INPUT}{k}": v for k, v in inputs.items()})
+    return StageTracking(stage, version, tracking_uri(config.get("mlflow_uri")), experiment,
+                         tb_dir, tags, inputs)  # fmt: skip
+
+
+_ACTIVE: list[StageTracking] = []  # a stack: the stage run in progress in this process
+
+
+@contextlib.contextmanager
+def tracking_stage(settings: StageTracking) -> Iterator[StageTracking]:
+    """Make ``settings`` what the stage's ``record_*`` calls log to, for the ``with`` block.
+
+    An MLflow server that does not answer is one :class:`TliError` here, before the stage
+    does any work (not after hours of training).
+    """
+    if settings.mlflow_uri is not None:
+        MlflowTracker(settings.mlflow_uri, settings.experiment)._connect()
+    _ACTIVE.append(settings)
+    try:
+        yield settings
+    finally:
+        _ACTIVE.remove(settings)
+
+
+def current(stage: str) -> StageTracking:
+    """The active stage run's settings, or (a standalone command) the environment's."""
+    for settings in reversed(_ACTIVE):
+        if settings.stage == stage:
+            return settings
+    return stage_tracking(None, stage=stage)
+
+
+def _say(stage: str, handle: RunHandle | None, tb: Path | None) -> None:
+    parts = []
+    if handle is not None:
+        where = handle.url or f"run {handle.mlflow_run_id}"
+        parts.append(f"MLflow {where}" + (" (logged before)" if handle.reused else ""))
+    if tb is not None:
+        parts.append(f"TensorBoard {tb}")
+    if parts:
+        print(f"tli: {stage} tracked: {'; '.join(parts)}", flush=True)
+
+
+@contextlib.contextmanager
+def _best_effort(stage: str) -> Iterator[None]:
+    """Tracking runs after the stage's results are complete: a failure is said, not raised
+    (the results are kept; failing here would throw away a finished training)."""
+    try:
+        yield
+    except Exception as err:
+        import sys
+
+        sys.stderr.write(
+            f"tli: {stage}: tracking failed ({_one_line(err)}); the stage's results are stored "
+            "all the same\n"
+        )
+
+
+def _fresh_tb(folder: Path | None) -> Path | None:
+    """``folder`` unless it already has event files (this version was logged before)."""
+    if folder is None or (folder.is_dir() and any(folder.rglob("events.out.tfevents.*"))):
+        return None
+    return folder
+
+
+def record_train(
+    *,
+    label: str,
+    params: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    final: Mapping[str, Any] | None,
+) -> None:
+    """Log a finished training (``metrics.jsonl`` and ``tli_train.json``'s result).
+
+    Args:
+        label: Names the run of a standalone command (the model's folder name).
+        params: The resolved train section (and what else describes the run).
+        history: The step records, as written to ``metrics.jsonl``.
+        final: The final results (``tli_train.json``'s ``result``).
+    """
+    ctx = current("train")
+    if not ctx.on:
+        return
+    with _best_effort("train"):
+        handle = log_train(ctx.mlflow_uri, run_name=ctx.run_name(label), params=params,
+                           history=history, final=final, tags=ctx.tags,
+                           experiment=ctx.experiment)  # fmt: skip
+        tb = _fresh_tb(ctx.tensorboard_dir(label))
+        if tb is not None:
+            tensorboard_train(tb, history, params=params)
+        _say("train", handle, tb)
+
+
+def record_eval(
+    *,
+    label: str,
+    results: Mapping[str, Any] | None,
+    heldout: Mapping[str, Any] | None,
+    params: Mapping[str, Any],
+) -> None:
+    """Log an evaluation (``results.json`` and ``heldout.json``) as one run at step 0.
+
+    Args:
+        label: Names the run of a standalone command (the model's folder name).
+        results: lm-eval's results (or ``None`` without tasks).
+        heldout: The held-out loss record (or ``None``).
+        params: The resolved eval section.
+    """
+    ctx = current("eval")
+    if ctx.mlflow_uri is None:
+        return
+    with _best_effort("eval"):
+        handle = log_eval(ctx.mlflow_uri, run_name=ctx.run_name(label), results=results or {},
+                          heldout=heldout, tags=ctx.tags, experiment=ctx.experiment,
+                          params=params)  # fmt: skip
+        _say("eval", handle, None)
+
+
+def tune_trials(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The tune stage's result rows (:mod:`tli.tune.results`) as :func:`log_tune`'s trials."""
+    out = []
+    for row in rows:
+        params = {k: row.get(k) for k in ("interval", "init", "alpha", "lr")}
+        params["steps"] = row.get("steps_budget")
+        trial = {"name": row["trial"], "params": params, "status": row.get("status", ""),
+                 "history": list(row.get("history") or [])}  # fmt: skip
+        if row.get("error"):
+            trial["error"] = row["error"]
+        out.append(trial)
+    return out
+
+
+def live_tune_callbacks(*, label: str, params: Mapping[str, Any]) -> list:
+    """The live per-trial MLflow logger for a tli search (``[]`` when MLflow is off).
+
+    Args:
+        label: Names the search run of a standalone command.
+        params: The search's resolved config (the parent run's params).
+    """
+    ctx = current("tune")
+    if ctx.mlflow_uri is None:
+        return []
+    return tune_callbacks(ctx.mlflow_uri, experiment=ctx.experiment,
+                          search_name=ctx.run_name(label), tags=ctx.tags, params=params,
+                          config_key="point")  # fmt: skip
+
+
+def record_tune(
+    *, label: str, params: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """Complete the search's MLflow record and write its TensorBoard files.
+
+    The live logger (:func:`live_tune_callbacks`) made a search run and a nested run per trial;
+    this adds what only the finished search knows: each trial's tli status (``completed``,
+    ``stopped`` by ASHA, ``failed`` with its error) as tag and run status, and the best trial on
+    the search run. Trials the live logger has no run for (a resumed search's earlier trials)
+    are logged from their records; without any live search run, the whole search is logged
+    after the fact (:func:`log_tune`).
+
+    Args:
+        label: Names the search run of a standalone command.
+        params: The search's resolved config.
+        rows: The result rows, best first (``trials.csv`` and each trial's history).
+    """
+    ctx = current("tune")
+    if not ctx.on:
+        return
+    trials = tune_trials(rows)
+    best = next((r["trial"] for r in rows if r.get("objective") is not None), None)
+    with _best_effort("tune"):
+        handle = None
+        if ctx.mlflow_uri is not None:
+            name = ctx.run_name(label)
+            handle = _complete_live_search(ctx, name, trials, best)
+            if handle is None:
+                handle = log_tune(ctx.mlflow_uri, search_name=name, params=params, trials=trials,
+                                  best=best, tags=ctx.tags, experiment=ctx.experiment)  # fmt: skip
+        tb = _fresh_tb(ctx.tensorboard_dir(label))
+        if tb is not None:
+            tensorboard_tune(tb, trials)
+        _say("tune", handle, tb)
+
+
+def _complete_live_search(
+    ctx: StageTracking, name: str, trials: Sequence[Mapping[str, Any]], best: str | None
+) -> RunHandle | None:
+    """Statuses and the best trial on the live logger's runs; ``None`` when there are none."""
+    parent = MlflowTracker(ctx.mlflow_uri or "", ctx.experiment)
+    found = parent.latest_run(name, ctx.tags)
+    if found is None:
+        return None
+    children = parent.child_runs(found)
+    for trial in trials:
+        status = str(trial.get("status", ""))
+        tags = {TAG_TRIAL_STATUS: status, **({TAG_ERROR: trial["error"]} if trial.get("error")
+                                               else {})}  # fmt: skip
+        run_id = children.get(str(trial["name"]))
+        tracker = MlflowTracker(ctx.mlflow_uri or "", ctx.experiment)
+        if run_id is None:  # no live run (e.g. a trial of an earlier, interrupted attempt)
+            start, end = _time_span(trial.get("history") or [])
+            tracker.start(str(trial["name"]), params=trial.get("params") or {},
+                          tags={**ctx.tags, **tags}, nested_under=found,
+                          start_time=start)  # fmt: skip
+            tracker.log_history(trial.get("history") or [])
+            tracker.end(TRIAL_STATUS.get(status, "KILLED"), end_time=end)
+            continue
+        tracker.resume(run_id)
+        tracker.set_tags(tags)
+        tracker.end(TRIAL_STATUS.get(status, "KILLED"), keep_end_time=True)
+    parent.resume(found.mlflow_run_id or "")
+    if best is not None:
+        parent.set_tags({TAG_BEST_TRIAL: best})
+    parent.end("FINISHED", keep_end_time=True)
+    return found
+
+
+def for_stage(
+    config: Any, stage: str, version: str, inputs: Sequence[Any], root: str | Path
+) -> StageTracking:
+    """:func:`stage_tracking` for a stage run through the store.
+
+    Args:
+        config: The ``tracking`` section.
+        stage: The stage name.
+        version: Its version key.
+        inputs: Its :class:`tli.pipeline.store.InputRef` list (the stored ones become tags).
+        root: The store (relative TensorBoard folders are inside it).
+    """
+    ups = {i.name: f"{i.stage}/{i.version}" for i in inputs if getattr(i, "stage", None)}
+    return stage_tracking(config, stage=stage, version=version, inputs=ups, root=root)
+
+
+def with_pipeline_run(
+    config: Mapping[str, Any] | None, *, name: str | None = None, id: str | None = None
+) -> dict[str, Any]:
+    """The ``tracking`` section with the KFP run's name and id among its tags.
+
+    Args:
+        config: The ``tracking`` section as a dict.
+        name: The KFP run's name (``{{$.pipeline_job_name}}``).
+        id: The KFP run's id (``{{$.pipeline_job_uuid}}``).
+    """
+    out = dict(config or {})
+    tags = dict(out.get("tags") or {})
+    for key, value in ((TAG_PIPELINE_RUN_NAME, name), (TAG_PIPELINE_RUN_ID, id)):
+        if value:
+            tags[key] = str(value)
+    out["tags"] = tags
+    return out

@@ -29,7 +29,7 @@ def run_check(
 
     from tli.modelfolder import load_causal_lm
 
-    tok = AutoTokenizer.from_pretrained(upscaled_dir)
+    tok = AutoTokenizer.from_pretrained(upscaled_dir, trust_remote_code=False)
     ids = tok(text, return_tensors="pt").input_ids  # [1, seq]
     rows: dict[str, Any] = {}
     logits = []

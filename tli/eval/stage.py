@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tli.config import EvalConfig, Runtime, dump_yaml
+from tli import tracking
+from tli.config import EvalConfig, Runtime, check_device, dump_yaml
+from tli.drills import drill
 from tli.errors import TliError
 from tli.eval.catalog import check_eval_data, resolve_tasks
 from tli.eval.lmeval import default_device, resolve_batch_size
@@ -82,7 +84,7 @@ def prepare(cfg: EvalConfig, inputs: dict[str, Path], runtime: Runtime) -> EvalJ
         n_blocks = min(cfg.heldout.blocks, split.shape[0])
     if not cfg.tasks and not n_blocks:
         raise TliError("nothing to evaluate: give --tasks and/or --heldout DATA")
-    device = runtime.device or default_device()
+    device = check_device(runtime.device or default_device())
     return EvalJob(cfg, model, tuple(offline), tuple(passthrough), data if n_blocks else None,
                    n_blocks, device, resolve_batch_size(cfg.batch_size, device))  # fmt: skip
 
@@ -98,6 +100,7 @@ def execute(job: EvalJob, out: Path) -> dict[str, Any]:
     dtype = torch.bfloat16 if job.device.startswith("cuda") else torch.float32
     model = load_causal_lm(job.model.path, dtype=dtype).to(job.device)
     model.eval()
+    drill("eval.loaded", 1)  # a no-op unless a fault drill is armed
     heldout = _heldout(job, model, out) if job.heldout_blocks else None
     results = None
     if job.cfg.tasks:
@@ -109,6 +112,7 @@ def execute(job: EvalJob, out: Path) -> dict[str, Any]:
                               device=job.device)  # fmt: skip
         results.pop("samples", None)
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=json_default) + "\n")
+    drill("eval.written", 1)
     table = results_table({job.model.name: {"results": results, "heldout": heldout}})
     (out / TABLE_FILE).write_text(table + "\n")
     (out / CONFIG_FILE).write_text(dump_yaml(job.cfg))
@@ -116,6 +120,13 @@ def execute(job: EvalJob, out: Path) -> dict[str, Any]:
         "heldout_data": _data_identity(job.heldout_data, job.model.path) if heldout else None
     }
     (out / PROVENANCE_FILE).write_text(json.dumps(prov, indent=2) + "\n")
+    # The records as written (results.json, heldout.json) to MLflow when tracking is on.
+    tracking.record_eval(
+        label=job.model.name,
+        results=read_eval_dir(out)["results"],
+        heldout=heldout,
+        params={"eval": job.cfg.model_dump(mode="json")},
+    )
     return {"results": results, "heldout": heldout, "table": table}
 
 
@@ -201,7 +212,7 @@ def _data_identity(data: Path | list[Path] | None, model_dir: Path) -> dict[str,
     if len(paths) == 1 and (paths[0] / "manifest.json").is_file():
         manifest = json.loads((paths[0] / "manifest.json").read_text())
         out["corpus"] = paths[0].name
-        out["heldout_sha256"] = manifest["splits"]["heldout"]["sha256"]
+        out["heldout_sha256"] = manifest.get("splits", {}).get("heldout", {}).get("sha256")
     else:
         out["files"] = [p.name for p in paths]
     return out
@@ -221,7 +232,8 @@ def compare(
     Model folders are evaluated first into ``<out>/<name>/`` (so ``out`` is needed then); the
     table is written to ``<out>/compare.md`` when ``out`` is given.
     """
-    dirs = [Path(d) for d in dirs]
+    # Column and folder names from real folders (never ".."): <out>/<name> stays inside --out.
+    dirs = [Path(d).resolve() for d in dirs]
     if len(dirs) < 1:
         raise TliError("--compare needs at least one folder")
     kinds = []

@@ -21,15 +21,21 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+# The project's own: ports picked together (never the same twice) and token auth set up for
+# this process and everything it starts (tests/_s3.py and others import free_ports from here).
+from tli.rayenv import ensure_auth, free_ports
+
+__all__ = ["NodeInfo", "ProcessCluster", "WorkerHandle", "free_ports", "process_cluster"]
 
 # Ray's own names for the ports we choose; one start takes all of them at once.
 _HEAD_PORTS = (
@@ -56,49 +62,6 @@ _WORKER_PORTS = (
 _PORT_CLASH = ("is used by other components", "address already in use", "port conflict")
 
 _counter = itertools.count()
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free TCP ports on 127.0.0.1.
-
-    All sockets stay bound until every port is picked, so the kernel never hands out the same
-    port twice within one call (bind-and-close one at a time can).
-    """
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def ensure_auth_token() -> None:
-    """Make sure Ray's token auth works for every process: RAY_AUTH_MODE=token and a token.
-
-    Ray 2.60 turns token auth on by default; the head, the workers and every client must agree,
-    and they all read the token from ``~/.ray/auth_token``.
-    """
-    if "RAY_AUTH_MODE" not in os.environ:
-        os.environ["RAY_AUTH_MODE"] = "token"
-        if "ray" in sys.modules:
-            # Ray caches its config (and so the auth mode) once imported: refresh it, or this
-            # process's clients would talk to our token-auth head without a token.
-            from ray._private.authentication import authentication_token_setup as ats
-
-            ats._enable_token_auth()
-    if (Path.home() / ".ray" / "auth_token").is_file() or os.environ.get("RAY_AUTH_TOKEN"):
-        return
-    # The CLI prints the token: capture and drop it, it is a credential.
-    subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
 
 
 def _session_members(sid: int) -> list[int]:
@@ -243,7 +206,7 @@ class ProcessCluster:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        # Every process of the cluster and its clients must agree (ensure_auth_token).
+        # Every process of the cluster and its clients must agree (tli.rayenv.ensure_auth).
         env["RAY_AUTH_MODE"] = os.environ.get("RAY_AUTH_MODE", "token")
         # Jobs and workers run `python ...`: this interpreter's environment first.
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -293,7 +256,7 @@ class ProcessCluster:
 
     def start(self) -> None:
         """Start the head and wait until its job API answers."""
-        ensure_auth_token()
+        ensure_auth()
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.temp_dir / "head.log"
         args = [
@@ -391,6 +354,25 @@ class ProcessCluster:
                 self.workers.remove(handle)
             raise
         return handle
+
+    def add_worker_later(self, delay_s: float, **kwargs: object) -> threading.Thread:
+        """Join a worker from a thread after ``delay_s`` (the autoscaler answering a demand).
+
+        The thread is started and returned; join it before the cluster stops. An error in
+        ``add_worker`` is kept on the thread as ``thread.error``.
+        """
+
+        def later() -> None:
+            time.sleep(delay_s)
+            try:
+                self.add_worker(**kwargs)  # type: ignore[arg-type]
+            except BaseException as e:  # seen by the test through thread.error
+                thread.error = e  # type: ignore[attr-defined]
+
+        thread = threading.Thread(target=later, name=f"add-worker-in-{delay_s:g}s", daemon=True)
+        thread.error = None  # type: ignore[attr-defined]
+        thread.start()
+        return thread
 
     def remove_worker(self, handle: WorkerHandle, kill: bool = False, wait: bool = True) -> None:
         """Stop a worker raylet (the autoscaler removing a pod, or with ``kill`` a pod dying).

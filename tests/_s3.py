@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._cluster import free_ports
+from tli.rayenv import free_ports
 
 _counter = itertools.count()
 _PORT_NAMES = (

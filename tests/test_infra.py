@@ -281,6 +281,9 @@ def test_gpu_worker_groups(rendered):
                 # The CRD lists both as required; the API server would default them, jsonschema not.
                 assert 0 <= group["minReplicas"] <= group["maxReplicas"], (name, group)
                 spec = group["template"]["spec"]
+                if group["groupName"] == "cpu":  # the CPU stages' group: no GPU, any node
+                    assert "nvidia.com/gpu" not in yaml.safe_dump(group), name
+                    continue
                 assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, name
                 assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in (
                     spec["tolerations"]
@@ -289,8 +292,12 @@ def test_gpu_worker_groups(rendered):
                     assert int(c["resources"]["limits"]["nvidia.com/gpu"]) >= 1, (name, c["name"])
     cluster = next(d for d in rendered["gpu"] if d["kind"] == "RayCluster")
     assert cluster["spec"]["enableInTreeAutoscaling"] is True
-    group = cluster["spec"]["workerGroupSpecs"][0]
-    assert group["minReplicas"] == 0 < group["maxReplicas"], "the GPU group scales from zero"
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    assert set(groups) == {"gpu", "cpu"}, "GPU work and the CPU stages' drivers apart"
+    for group in groups.values():
+        assert group["minReplicas"] == 0 < group["maxReplicas"], "every group scales from zero"
+    # The head offers nothing: every stage's driver and worker goes to a worker group.
+    assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
 def test_cpu_dev_has_no_gpu(rendered):
@@ -556,7 +563,9 @@ def test_compiled_pipeline_has_its_kubernetes_settings(compiled):
         # The same volume at the same path as every Ray pod, so paths mean the same everywhere.
         mounts = settings["pvcMount"]
         assert [m["mountPath"] for m in mounts] == [MOUNT], name
-        assert mounts[0]["pvcNameParameter"] == {"componentInputParameter": "store_pvc"}, name
+        # A step inside a condition (the export) sees the parameter through its sub-DAG.
+        assert mounts[0]["pvcNameParameter"]["componentInputParameter"] in (
+            "store_pvc", "pipelinechannel--store_pvc"), name  # fmt: skip
         envs = {
             e["envVar"]: s["secretName"] for s in settings["secretAsEnv"] for e in s["keyToEnv"]
         }

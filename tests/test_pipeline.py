@@ -19,9 +19,9 @@ import yaml
 
 from tli.cli import main
 from tli.config import RunConfig
-from tli.rayenv import free_port
 from tli.pipeline.stages import STAGES
 from tli.pipeline.store import MANIFEST, Store
+from tli.rayenv import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "pipelines" / "tli_pipeline.yaml"
@@ -46,11 +46,12 @@ def test_compiled_pipeline_has_kubernetes_settings(tmp_path: Path) -> None:
     spec, platform = yaml.safe_load_all(GOLDEN.read_text())  # the pipeline, then kfp-kubernetes
     params = spec["root"]["inputDefinitions"]["parameters"]
     for name in ("store", "ray_jobs", "rerun", "runtime", "store_pvc", "base_config", "data_config",
-                 "inject_config", "tune_config", "train_config", "eval_config"):  # fmt: skip
+                 "inject_config", "tune_config", "train_config", "eval_config", "tracking_config",
+                 "export_to"):  # fmt: skip
         assert name in params, name
     executors = spec["deploymentSpec"]["executors"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    assert set(k8s) == set(executors) and len(executors) == 9  # one per task
+    assert set(k8s) == set(executors) and len(executors) == 10  # one per task, export included
     for name, ex in executors.items():
         c = ex["container"]
         assert c["image"] == "tli:0.1.0"
@@ -59,8 +60,9 @@ def test_compiled_pipeline_has_kubernetes_settings(tmp_path: Path) -> None:
         assert k8s[name]["pvcMount"][0]["mountPath"] == "/mnt/tli"
         assert k8s[name]["secretAsEnv"][0]["secretName"] == "tli-object-store"
     tasks = spec["root"]["dag"]["tasks"]
-    assert len(tasks) == 9
-    assert all(t["cachingOptions"].get("enableCache") is not True for t in tasks.values())
+    assert len(tasks) == 10  # nine steps and the export's condition (export_to != "")
+    assert all(t["cachingOptions"].get("enableCache") is not True for t in tasks.values()
+               if "cachingOptions" in t)  # fmt: skip
     # --image rewrites every step's image.
     out = tmp_path / "p.yaml"
     assert main(["pipeline", "compile", "--out", str(out), "--image", "reg.example/tli:1"]) == 0
@@ -159,8 +161,10 @@ def smoke(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, ray_he
     """One full smoke pipeline run on the tiny model; its store and printed summary."""
     d = tmp_path_factory.mktemp("pipeline")
     store = d / "store"
+    # --export-to and a tracking override: the CLI carries both into the pipeline's parameters.
     args = ["pipeline", "run", "--preset", "smoke", "--base", str(tiny_model_dir),
-            "--store", str(store), "--ray-jobs", ray_head]  # fmt: skip
+            "--store", str(store), "--ray-jobs", ray_head, "--export-to", str(d / "exported"),
+            "tracking.tensorboard=tb"]  # fmt: skip
     rc, text = _run(args, d / "run1.log")
     assert rc == 0, text[-3000:]
     return {"store": store, "args": args, "text": text, "dir": d}
@@ -192,6 +196,16 @@ def test_smoke_run_writes_every_stage_with_manifest(smoke) -> None:
     assert len(re.findall(r"submitted as Ray job", smoke["text"])) == 9
     # No partial folders are left behind.
     assert not [p for p in store.root.glob("*/.*.partial*")]
+
+
+def test_typed_artifacts_show_the_stored_results(smoke) -> None:
+    """What the Kubeflow UI shows of each step equals the store (see tests/test_artifacts.py)."""
+    from tests.test_artifacts import check_pipeline_run
+
+    check_pipeline_run(smoke["store"], export_to=smoke["dir"] / "exported")
+    # tracking.tensorboard, relative to the store: event files of train and tune.
+    assert list((smoke["store"] / "tb" / "train").rglob("events.out.tfevents.*"))
+    assert list((smoke["store"] / "tb" / "tune").rglob("events.out.tfevents.*"))
 
 
 def test_runs_list_and_show_give_the_lineage(smoke, capsys: pytest.CaptureFixture[str]) -> None:

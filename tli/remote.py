@@ -6,7 +6,8 @@ against AWS, MinIO, Ceph or SeaweedFS, in a pod or on a laptop:
 - ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``: ``http(s)://host:port`` of an S3-compatible
   server (unset: AWS itself).
 - ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``: static credentials.
-- ``AWS_PROFILE``, ``AWS_WEB_IDENTITY_TOKEN_FILE``, ``AWS_CONTAINER_CREDENTIALS_*``: hand the
+- ``AWS_PROFILE``, ``AWS_SHARED_CREDENTIALS_FILE``, ``AWS_WEB_IDENTITY_TOKEN_FILE``,
+  ``AWS_CONTAINER_CREDENTIALS_*``: hand the
   credentials to the AWS SDK's own chain (profiles, IRSA / pod identity in Kubernetes).
   Without any of these, requests are anonymous: nothing is probed implicitly (an EC2 metadata
   lookup off AWS only hangs).
@@ -16,6 +17,8 @@ against AWS, MinIO, Ceph or SeaweedFS, in a pod or on a laptop:
 Downloads go into a content-addressed cache (:func:`fetch`): an entry is named by the sha256
 of what it holds, so callers version by content, not by URI. Uploads of folders end with a
 small completion marker (:data:`COMPLETE_MARKER`) written last, which :func:`fetch` checks.
+Ray Train / Tune state under ``runtime.storage`` is read through *locations* (a local path or
+an ``s3://`` URI, the same calls: :func:`listdir`, :func:`read_text`, :func:`remove_tree`, ...).
 
 Errors are one-line :class:`~tli.errors.TliError` messages that name the URI and the
 variables to check; credentials never appear in an exception, a log line or a return value.
@@ -51,15 +54,21 @@ __all__ = [
     "COMPLETE_MARKER",
     "Fetched",
     "content_sha256",
+    "copy_tree",
     "exists",
     "fetch",
     "fetch_entry",
     "filesystem",
     "is_complete",
+    "is_file",
     "is_remote",
     "join",
     "list",
+    "listdir",
+    "location_join",
     "parse",
+    "read_text",
+    "remove_tree",
     "upload",
 ]
 
@@ -77,6 +86,7 @@ _THREADS = 8  # parallel transfers (pyarrow releases the GIL during I/O)
 _CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _SDK_CHAIN_VARS = (
     "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
     "AWS_WEB_IDENTITY_TOKEN_FILE",
     "AWS_CONTAINER_CREDENTIALS_FULL_URI",
     "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
@@ -681,3 +691,78 @@ def _put(s3: S3FileSystem, src: Path, path: str) -> str:
             h.update(chunk)
             out.write(chunk)
     return h.hexdigest()
+
+
+# -- locations: a local path or an s3:// URI, the same calls ---------------------------------------
+# Ray Train / Tune keep their state in a folder or under s3:// (runtime.storage); the stages read
+# that state (is there a checkpoint? which trials finished?) through these, whichever it is.
+
+
+def location_join(location: str | os.PathLike[str], *parts: str) -> str:
+    """``location`` with ``parts`` appended: a URI for ``s3://``, a path otherwise."""
+    loc = str(location)
+    return join(loc, *parts) if is_remote(loc) else str(Path(loc, *parts))
+
+
+def listdir(location: str | os.PathLike[str]) -> builtins.list[str]:
+    """The names directly under ``location`` (files and folders), sorted; ``[]`` if none."""
+    from pyarrow import fs as pafs
+
+    loc = str(location)
+    if not is_remote(loc):
+        p = Path(loc)
+        return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
+    s3, path = filesystem(loc)
+    with _errors(loc, "list"):
+        sel = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+        return sorted(i.base_name for i in s3.get_file_info(sel))
+
+
+def is_file(location: str | os.PathLike[str]) -> bool:
+    """Whether ``location`` is a file (an object)."""
+    from pyarrow import fs as pafs
+
+    loc = str(location)
+    if not is_remote(loc):
+        return Path(loc).is_file()
+    s3, path = filesystem(loc)
+    with _errors(loc, "look up"):
+        return s3.get_file_info(path).type == pafs.FileType.File
+
+
+def read_text(location: str | os.PathLike[str]) -> str:
+    """The text of the file (object) at ``location``."""
+    loc = str(location)
+    if not is_remote(loc):
+        return Path(loc).read_text()
+    s3, path = filesystem(loc)
+    with _errors(loc, "read"), s3.open_input_stream(path, compression=None) as f:
+        return f.read().decode()
+
+
+def remove_tree(location: str | os.PathLike[str]) -> None:
+    """Remove the folder (prefix) at ``location`` and everything under it; nothing if absent."""
+    loc = str(location)
+    if not is_remote(loc):
+        shutil.rmtree(loc, ignore_errors=True)
+        return
+    from pyarrow import fs as pafs
+
+    s3, path = filesystem(loc)
+    with _errors(loc, "remove"):
+        if s3.get_file_info(path).type != pafs.FileType.NotFound:
+            s3.delete_dir_contents(path, missing_dir_ok=True)
+            with contextlib.suppress(OSError):  # S3 has no empty folders to remove
+                s3.delete_dir(path)
+
+
+def copy_tree(location: str | os.PathLike[str], dest: Path) -> None:
+    """Copy the folder (prefix) at ``location`` into the local folder ``dest`` (merged)."""
+    loc = str(location)
+    dest = Path(dest)
+    if not is_remote(loc):
+        shutil.copytree(loc, dest, dirs_exist_ok=True)
+        return
+    s3, path = filesystem(loc)
+    _, objs = _objects(s3, loc, path)
+    _map(lambda o: _get(s3, loc, o, dest / o.rel), objs)

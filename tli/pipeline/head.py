@@ -3,7 +3,11 @@
 ``ray start --head --block`` runs in the foreground and, on SIGTERM, stops every process it
 started, and only those: we start it as our child and terminate it, never with ``ray stop``
 (which would kill every Ray on the machine). It gets a short temp dir of its own (unix socket
-paths must stay under 107 bytes) and free ports, so it can run beside other Rays.
+paths must stay under 107 bytes) and free ports, so it can run beside other Rays. It carries the
+node label :data:`tli.rayenv.FIXED_LABEL`: the stages that run on it know it never grows, and
+refuse at once what does not fit rather than wait for nodes. On Linux it is also told to stop
+when its parent dies (``PR_SET_PDEATHSIG``), so a ``tli pipeline run`` killed with SIGKILL does
+not leave a head running.
 """
 
 from __future__ import annotations
@@ -54,7 +58,12 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 180.0) -> Iterato
     with open(log_path, "w") as log:
         # Own session: a Ctrl-C in the terminal reaches us, and we stop the head in order.
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_stop_with_parent,
         )
     HEAD_PIDS.add(proc.pid)
     try:
@@ -82,11 +91,22 @@ def _head_command(tmp: str, ports: dict[str, int], num_cpus: int) -> list[str]:
         "--metrics-export-port": ports["metrics"],
         "--num-cpus": num_cpus,
         "--include-dashboard": "true",
+        # This head is the whole cluster and never grows: train/tune plan on it as it is.
+        "--labels": f"{rayenv.FIXED_LABEL}=true",
     }
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block"]
     for k, v in flags.items():
         cmd += [k, str(v)]
     return [*cmd, "--disable-usage-stats"]
+
+
+def _stop_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux; a no-op elsewhere)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _wait_ready(proc: subprocess.Popen, address: str, log_path: str, timeout_s: float) -> None:

@@ -1,12 +1,16 @@
-"""Run one stage through the store: here, or as a Ray job on the head at ``ray_address``.
+"""Run one stage through the store: here, or as a Ray job on the head at ``ray_jobs``.
 
 The KFP components call :func:`run_component`; it works out the stage's version from its
-resolved config and its inputs' content hashes and, unless the store already holds that version,
-submits the stage as a Ray job (``python -m tli.pipeline.runner STAGE``) to the cluster's head with
-:class:`ray.job_submission.JobSubmissionClient`. The job runs the same :func:`run_stage` on the
-cluster (so a KFP pod stays light, and the same path serves KubeRay), writes the version into the
-store (a shared volume on Kubernetes, a folder locally) and prints its result as one
-``TLI_RESULT {...}`` line that the component reads back from the job's logs.
+resolved config and its inputs' content hashes (``s3://`` inputs by their content too,
+:mod:`tli.sources`) and, unless the store already holds that version, submits the stage as a
+Ray job (``python -m tli.pipeline.runner STAGE``) to the cluster's head with
+:class:`ray.job_submission.JobSubmissionClient`: one job per version, its driver placed on a node
+with the stage's resources (:mod:`tli.pipeline.jobs`). The job runs the same :func:`run_stage` on
+the cluster (so a KFP pod stays light, and the same path serves KubeRay), writes the version into
+the store (a shared volume on Kubernetes, a folder locally; its manifest records the Ray node
+the driver ran on as ``ray_node_id``) and prints its result as one ``TLI_RESULT {...}`` line
+that the component reads back from the job's logs. In a Kubernetes pod a step without a job API
+fails with one line rather than run a stage in the step's own small pod.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from tli import drills, hub, rayenv, sources, tracking
 from tli.config import RunConfig, Runtime, validate
 from tli.errors import TliError
+from tli.pipeline import jobs
+from tli.pipeline.jobs import dashboard_url, job_client
 from tli.pipeline.stages import STAGES, Stage, get_stage, model_dir
 from tli.pipeline.store import InputRef, StageResult, Store, version_key
-from tli.rayenv import JOB_ENV, ensure_auth
+from tli.rayenv import JOB_ENV, job_env
 
 RESULT_TAG = "TLI_RESULT "
 SPEC_ENV = "TLI_STAGE_SPEC"
@@ -30,27 +36,6 @@ SPEC_ENV = "TLI_STAGE_SPEC"
 
 def _log(msg: str) -> None:
     print(f"tli: {msg}", flush=True)
-
-
-def dashboard_url(address: str) -> str:
-    """The Jobs API URL of a Ray head: ``host:port`` becomes ``http://host:port``."""
-    return address if "://" in address else f"http://{address}"
-
-
-def job_client(address: str):
-    """A :class:`JobSubmissionClient` for the head at ``address``, or a one-line error."""
-    ensure_auth()  # Ray 2.60 heads use token auth; the client reads the token from ~/.ray
-    from ray.job_submission import JobSubmissionClient
-
-    url = dashboard_url(address)
-    try:
-        return JobSubmissionClient(url)
-    except Exception as e:  # ConnectionError, auth errors, bad URLs: all mean "cannot use it"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TliError(
-            f"cannot reach the Ray head's job API at {url} ({first[:160]}): give the head's "
-            "dashboard address (e.g. http://127.0.0.1:8265) or leave --ray-jobs out"
-        ) from None
 
 
 # ---------------------------------------------------------------------------- one stage
@@ -71,15 +56,26 @@ def _inputs(spec: Stage, cfg: RunConfig, refs: dict[str, dict[str, Any]], store:
         for n in spec.inputs
     ]
     # Inputs from outside the store (the base model): their content hash enters the version,
-    # so a changed base folder (or bundled package) gives a new version.
+    # so a changed base folder (or bundled package) gives a new version. An s3:// one is
+    # identified by its content too (from its upload marker when it has one: no download here).
     for name, path in spec.external_inputs(cfg).items():
-        inputs.append(store.external_ref(name, path))
+        if sources.is_uri(path):
+            inputs.append(InputRef(name=name, path=str(path), sha256=sources.identify(str(path))))
+        else:
+            inputs.append(store.external_ref(name, path))
     return inputs
 
 
 def _input_dirs(inputs: list[InputRef]) -> dict[str, Path]:
-    """Input folders as the stages take them (a model input is the model folder inside)."""
-    return {i.name: model_dir(Path(i.path)) if i.name == "model" else Path(i.path) for i in inputs}
+    """Input folders as the stages take them (a model input is the model folder inside).
+
+    An ``s3://`` input stays a URI here: the stage fetches it when it runs, on its node.
+    """
+    return {
+        i.name: i.path if sources.is_uri(i.path)  # type: ignore[misc]
+        else model_dir(Path(i.path)) if i.name == "model" else Path(i.path)
+        for i in inputs
+    }  # fmt: skip
 
 
 def prepare(
@@ -90,7 +86,8 @@ def prepare(
     st = Store(store)
     cfg: RunConfig = validate(RunConfig, dict(sections), f"stage {stage}")  # type: ignore[assignment]
     inputs = _inputs(spec, cfg, refs, st)
-    params = spec.params(cfg, _input_dirs(inputs))
+    # s3:// values (data.extra) enter the version by content, not by URI.
+    params, _ = sources.by_content(spec.params(cfg, _input_dirs(inputs)))
     key = version_key(stage, params, {i.name: i.sha256 for i in inputs}, spec.code())
     return st, cfg, inputs, params, key
 
@@ -119,31 +116,50 @@ def run_stage(
     Returns:
         The :class:`StageResult` (``status`` cached, ran or reproduced).
     """
+    runtime = runtime or Runtime()
+    # Hub names: online mode only; s3:// inputs: fetched into the store's cache.
+    with hub.mode(offline=runtime.offline, store=store), sources.store_cache(store):
+        sections = hub.pin(sections)  # a Hub name's commit, so that it enters the version
+        return _run_stage(stage, store, sections, refs, rerun, ray_jobs, runtime)
+
+
+def _run_stage(stage: str, store: str | Path, sections: dict[str, Any],
+               refs: dict[str, dict[str, Any]], rerun: bool, ray_jobs: str | None,
+               runtime: Runtime) -> StageResult:  # fmt: skip
     st, cfg, inputs, params, key = prepare(stage, store, sections, refs)
     spec = get_stage(stage)
-    runtime = runtime or Runtime()
     if not rerun and (hit := st._cached(stage, key, _log)):
         return hit
     if ray_jobs:
-        return _run_as_job(stage, st, sections, refs, rerun, ray_jobs, runtime)
+        return _run_as_job(stage, st, key, sections, refs, rerun, ray_jobs, runtime)
     dirs = _input_dirs(inputs)
     job = spec.prepare(cfg, dirs, runtime)  # every check, before anything is written
     seed = None
     if spec.seed_of:
         seed = getattr(getattr(cfg, spec.seed_of[0]), spec.seed_of[1])
     _log(f"{stage}: running version {key}")
-    return st.run(
-        stage,
-        params,
-        inputs,
-        lambda out: spec.execute(job, out),
-        code=spec.code(),
-        seed=seed,
-        rerun=rerun,
-        volatile=spec.volatile,
-        resumable=spec.resume_state(),
-        log=_log,
-    )
+    with tracking.tracking_stage(tracking.for_stage(cfg.tracking, stage, key, inputs, st.root)):
+        return st.run(
+            stage,
+            params,
+            inputs,
+            lambda out: spec.execute(job, out),
+            code=spec.code(),
+            seed=seed,
+            rerun=rerun,
+            volatile=spec.volatile,
+            resumable=spec.resume_state(),
+            extra=lambda: _manifest_extra(cfg, spec, inputs),
+            log=_log,
+        )
+
+
+def _manifest_extra(cfg: RunConfig, spec: Stage, inputs: list[InputRef]) -> dict[str, Any]:
+    """What a manifest records besides the store's own entries: where it ran, what it read."""
+    _, uris = sources.by_content(spec.params(cfg, _input_dirs(inputs)))  # identified: cached
+    remote_inputs = {i.path: i.sha256 for i in inputs if sources.is_uri(i.path)}
+    # The Ray node of this stage job's driver (None when the stage ran outside a Ray job).
+    return {"ray_node_id": rayenv.driver_node_id(), "sources": {**uris, **remote_inputs}}
 
 
 def run_component(
@@ -156,7 +172,9 @@ def run_component(
     rerun: list[str],
     output: str,
     runtime: str | dict[str, Any] = "{}",
-) -> dict[str, str]:
+    pipeline_run: dict[str, str] | None = None,
+    artifacts: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """What a KFP component does: run ``stage``, write its reference for the next stages.
 
     Args:
@@ -168,14 +186,27 @@ def run_component(
         rerun: stage names to recompute.
         output: path of this component's output artifact (a small JSON reference).
         runtime: the :class:`tli.config.Runtime` options (a dict or its JSON text).
+        pipeline_run: ``{"name": ..., "id": ...}`` of the KFP run: tags of the tracking runs.
+        artifacts: the component's KFP output artifacts by role, filled from the stored
+            version (:func:`tli.pipeline.artifacts.publish`).
 
     Returns:
-        String metadata for the output artifact (stage, version, path, status).
+        The main output artifact's metadata (stage, version, status, what the version holds).
     """
+    from tli.pipeline import artifacts as typed
+
     refs = {name: json.loads(Path(p).read_text()) for name, p in inputs.items()}
     sections = {k: json.loads(v) if isinstance(v, str) else v for k, v in sections.items()}
+    if pipeline_run and "tracking" in sections:
+        sections["tracking"] = tracking.with_pipeline_run(sections["tracking"], **pipeline_run)
     for name in rerun:
         get_stage(name)
+    if not ray_jobs and jobs.kubernetes_pod():
+        raise TliError(
+            f"stage {stage}: no Ray job API (the pipeline parameter ray_jobs is empty) in a "
+            "Kubernetes pod: set ray_jobs to the Ray head's job API, e.g. "
+            f"{jobs.CLUSTER_JOBS_API}, rather than run the stage in this step's pod"
+        )
     result = run_stage(
         stage,
         store=store,
@@ -183,15 +214,18 @@ def run_component(
         refs=refs,
         rerun=stage in rerun,
         ray_jobs=ray_jobs or None,
-        runtime=validate(Runtime, json.loads(runtime) if isinstance(runtime, str) else runtime,
-                         "the pipeline's runtime parameter"),  # fmt: skip
+        runtime=validate(
+            Runtime,
+            json.loads(runtime) if isinstance(runtime, str) else runtime,
+            "the pipeline's runtime parameter",
+        ),  # fmt: skip
     )
     ref = result.to_dict()
     if stage == "report":  # the report's reference carries the whole run's lineage
         ref["inputs"] = refs
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(ref, indent=2) + "\n")
-    return {k: str(v) for k, v in result.to_dict().items()}
+    return typed.publish(stage, result.to_dict(), artifacts or {})
 
 
 # ---------------------------------------------------------------------------- Ray jobs
@@ -200,13 +234,15 @@ def run_component(
 def _run_as_job(
     stage: str,
     st: Store,
+    key: str,
     sections: dict[str, Any],
     refs: dict[str, dict[str, Any]],
     rerun: bool,
     ray_jobs: str,
     runtime: Runtime,
 ) -> StageResult:
-    client = job_client(ray_jobs)
+    """Run the stage version ``key`` as a Ray job (at most one per version) and read its result."""
+    client = job_client(ray_jobs, runtime.connect_timeout_s)
     spec = {
         "stage": stage,
         "store": str(st.root),
@@ -215,45 +251,27 @@ def _run_as_job(
         "rerun": rerun,
         "runtime": runtime.model_dump(mode="json"),
     }
+    resources = jobs.driver_resources(stage, runtime)
     env = {
-        **JOB_ENV,
+        **job_env(runtime.offline),
+        **drills.env(),  # a fault drill reaches the job's driver and its workers
         SPEC_ENV: json.dumps(spec),  # the job's whole input, so its command line stays short
         # Ray Train's placement-group cleaner finds the State API by auto-detection, which
-        # fails when several Rays share a machine: name it.
-        "RAY_API_SERVER_ADDRESS": dashboard_url(ray_jobs),
+        # fails when several Rays share a machine: name it (the driver also reads its own
+        # job record there: the node it runs on).
+        rayenv.JOBS_API_ENV: dashboard_url(ray_jobs),
+        rayenv.DRIVER_CPUS_ENV: str(resources["entrypoint_num_cpus"] or 0),
     }
-    job_id = client.submit_job(
-        entrypoint=f"python -m tli.pipeline.runner {stage}",
-        runtime_env={"env_vars": env},
-        metadata={"tli_stage": stage},
-    )
-    _log(f"{stage}: submitted as Ray job {job_id} to {dashboard_url(ray_jobs)}")
-    logs = _follow(client, job_id)
-    status = client.get_job_status(job_id)
-    if str(status) != "SUCCEEDED" and getattr(status, "value", "") != "SUCCEEDED":
-        info = client.get_job_info(job_id)
-        tail = [x for x in logs.splitlines() if x.strip()][-1:] or [info.message or ""]
-        raise RuntimeError(f"stage {stage}: Ray job {job_id} {status}: {tail[0][:300]}")
+    sid, logs = jobs.submit_or_follow(
+        client, stage=stage, prefix=jobs.submission_prefix(stage, key, st.root), rerun=rerun,
+        entrypoint=f"python -m tli.pipeline.runner {stage}", env=env, resources=resources,
+        runtime=runtime, url=dashboard_url(ray_jobs), log=_log,
+    )  # fmt: skip
     for line in reversed(logs.splitlines()):
         if line.startswith(RESULT_TAG):
             d = json.loads(line[len(RESULT_TAG) :])
             return StageResult(d["stage"], d["version"], Path(d["path"]), d["sha256"], d["status"])
-    raise RuntimeError(f"stage {stage}: Ray job {job_id} printed no {RESULT_TAG.strip()} line")
-
-
-def _follow(client: Any, job_id: str, poll_s: float = 1.0) -> str:
-    """Echo a job's log as it grows; return the whole log once the job is over."""
-    shown = 0
-    while True:
-        done = client.get_job_status(job_id).is_terminal()
-        logs = client.get_job_logs(job_id)
-        if len(logs) > shown:
-            sys.stdout.write(logs[shown:])
-            sys.stdout.flush()
-            shown = len(logs)
-        if done:
-            return logs
-        time.sleep(poll_s)
+    raise RuntimeError(f"stage {stage}: Ray job {sid} printed no {RESULT_TAG.strip()} line")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,9 +180,24 @@ STAGES: dict[str, Stage] = {
 }
 
 
+# The stages `tli compare` adds (tli.compare), in the same store; not steps of the pipeline.
+COMPARE_STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        # One method's matched settings, read by inject and train as their `tune` input (where
+        # the pipeline has the search's winner) ...
+        Stage("method", "tli.compare.method_stage", ("inject",), ("base",)),
+        # ... and the comparison's report, whose inputs are every run of every method (the
+        # driver, tli.compare.run, hands them to the store; none is fixed here).
+        Stage("compare", "tli.compare.report", (), (), volatile=("*.png", "report.html")),
+    )
+}
+
+
 def get_stage(name: str) -> Stage:
     """The stage called ``name``, or a one-line error listing the stages."""
-    try:
-        return STAGES[name]
-    except KeyError:
-        raise TliError(f"unknown stage {name!r}: choose from {', '.join(STAGES)}") from None
+    stage = STAGES.get(name) or COMPARE_STAGES.get(name)
+    if stage is None:
+        known = ", ".join([*STAGES, *COMPARE_STAGES])
+        raise TliError(f"unknown stage {name!r}: choose from {known}")
+    return stage

@@ -173,7 +173,7 @@ def main() -> None:
                 w2, c2, rss2 = measure(tli_cmd)
                 out_bytes = sum(f.stat().st_size for f in out.iterdir())
                 shutil.rmtree(out)
-                w4, _, _ = measure([*tli_cmd, "--threads", "1"])
+                w4, _, _ = measure([*tli_cmd, "--writers", "1"])
                 shutil.rmtree(out)
                 if args.mergekit:
                     mk_out = root / "mk-out"

@@ -81,7 +81,9 @@ def tiny_injected_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
     from tli.inject.stage import run_inject
 
     out = tmp_path_factory.mktemp("tiny_inj") / "model"
-    return run_inject(tiny_model_dir, out, InjectConfig(interval=2), runtime=Runtime(progress=False))
+    return run_inject(
+        tiny_model_dir, out, InjectConfig(interval=2), runtime=Runtime(progress=False)
+    )
 
 
 @pytest.fixture(scope="session")

@@ -191,7 +191,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_model_dir: Path, tmp_path
     (no_tok / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     assert "has no tokenizer" in run("--model", str(no_tok), "--out", str(out))
     assert "does not exist" in run(*model, "--heldout", str(tmp_path / "nope"))
-    assert "not a corpus built by" in run(*model, "--heldout", str(tmp_path))
+    not_corpus = tmp_path / "not_corpus"
+    not_corpus.mkdir()
+    (not_corpus / "notes.txt").write_text("not a corpus\n")
+    assert "not a corpus built by" in run(*model, "--heldout", str(not_corpus))
     assert "--limit" in run(*model, "--limit", "0")
     assert "--out is required" in run("--model", str(tiny_model_dir))
     assert "needs --out" in run("--compare", str(tiny_model_dir))

@@ -164,7 +164,10 @@ def test_sharded_input_and_output(tmp_path: Path):
     src = build("llama", tmp_path / "base", max_shard_size="40KB")
     assert (src / INDEX_FILE).is_file(), "the test model should be sharded"
     out = run_inject(
-        src, tmp_path / "up", InjectConfig(interval=3), runtime=Runtime(progress=False, shard_size=60_000)
+        src,
+        tmp_path / "up",
+        InjectConfig(interval=3),
+        runtime=Runtime(progress=False, shard_size=60_000),
     )
     index = json.loads((out / INDEX_FILE).read_text())
     shards = set(index["weight_map"].values())

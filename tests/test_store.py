@@ -65,12 +65,16 @@ def test_run_writes_manifest_then_reuses_it(tmp_path: Path) -> None:
     assert set(files) == {"a.txt", "sub/b.txt"}
     assert files["a.txt"]["sha256"] == sha256_file(r1.output / "a.txt")
     # The same stage, params and inputs: reused, the function is not called again.
-    r2 = store.run("train", params, [ref], _writer({"a.txt": "other"}, calls), code="c0", log=logs.append)
+    r2 = store.run(
+        "train", params, [ref], _writer({"a.txt": "other"}, calls), code="c0", log=logs.append
+    )
     assert r2.status == "cached" and r2.version == r1.version and calls == [1]
     assert any("cached" in x for x in logs)
     assert (r1.output / "a.txt").read_text() == "x"  # never rewritten
     # Another parameter: a new version beside the first.
-    r3 = store.run("train", {"train": {"steps": 4}}, [ref], _writer({"a.txt": "x"}), code="c0", log=print)
+    r3 = store.run(
+        "train", {"train": {"steps": 4}}, [ref], _writer({"a.txt": "x"}), code="c0", log=print
+    )
     assert r3.version != r1.version
     assert _entries(store, "train") == sorted([r1.version, r3.version])
 

@@ -238,7 +238,13 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(
     try:
         ref = load_causal_lm(tiny_injected_dir)
         blocks = load_blocks(corpus, tiny_injected_dir, SEQ, "train")
-        ref_hist = train_in_memory(ref, blocks, cfg.model_copy(update={"validation": cfg.validation.model_copy(update={"every": None})}))
+        ref_hist = train_in_memory(
+            ref,
+            blocks,
+            cfg.model_copy(
+                update={"validation": cfg.validation.model_copy(update={"every": None})}
+            ),
+        )
     finally:
         torch.set_num_threads(threads)
 

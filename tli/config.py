@@ -3,8 +3,8 @@
 YAML is its on-disk form. Unknown keys are errors everywhere. The CLI generates its flags from
 these fields (see :mod:`tli.cli.flags`), so a default lives in exactly one place: here.
 
-Runtime options that do not change a result (device, threads, output paths, shard size, Ray
-address) are *not* part of this model; they are plain CLI flags of the command that needs them.
+Options that do not change a result (device, threads, shard size, Ray addresses, timeouts,
+storage) are the :class:`Runtime` model beside it: never part of a stage's version.
 """
 
 from __future__ import annotations
@@ -12,15 +12,90 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from tli.errors import TliError
 
 
-class Section(BaseModel):
-    """Base of every section: frozen, and unknown keys are errors."""
+def _takes_bool(tp: Any) -> bool:
+    """Whether a field of annotation ``tp`` accepts a boolean as itself (not as 0/1)."""
+    import types
+    import typing
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    if tp is bool or tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return any(isinstance(a, bool) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return any(_takes_bool(a) for a in typing.get_args(tp))
+    return False
+
+
+def _list_item(tp: Any) -> Any:
+    """The item type of ``list[X]`` (also inside ``list[X] | None``), else None."""
+    import types
+    import typing
+
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        items = [_list_item(a) for a in typing.get_args(tp)]
+        return next((i for i in items if i is not None), None)
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+
+
+class Section(BaseModel):
+    """Base of every section: frozen, unknown keys are errors, and values are what they say.
+
+    Two of pydantic's lax conversions would accept a wrong value silently, so both are off in
+    every section: a YAML ``interval: true`` (or ``--alpha`` as a bool in JSON) is not the
+    number 1, and NaN or infinity is never a valid setting (a non-finite ``alpha`` wrote NaN
+    tensors and a provenance file with bare ``NaN``, which is not JSON).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: Any) -> Any:
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is None:
+            return v
+        tp = field.annotation
+        item = _list_item(tp)
+        if isinstance(v, bool) and not _takes_bool(tp):
+            bad = v
+        elif isinstance(v, list) and item is not None and not _takes_bool(item):
+            bad = next((x for x in v if isinstance(x, bool)), None)
+        else:
+            bad = None
+        if bad is not None:
+            raise PydanticCustomError(
+                "bool_not_value",
+                "expected {what}, got the boolean {value}",
+                {"what": _expected(item or tp), "value": str(bad).lower()},
+            )
+        return v
+
+
+def _expected(tp: Any) -> str:
+    """A short name of what a field takes, for error messages."""
+    import typing
+
+    names = {int: "an integer", float: "a number", str: "a string"}
+    if tp in names:
+        return names[tp]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, args))
+    return " or ".join(_expected(a) for a in args) if args else "a value of another type"
 
 
 class BaseModelConfig(Section):
@@ -28,15 +103,54 @@ class BaseModelConfig(Section):
 
     model: str | None = Field(
         None,
-        description="HF folder of the base model; None = the bundled SmolLM2-135M-Instruct",
+        description="HF folder of the base model, or a Hub repo org/name[@revision] "
+        "(needs runtime.offline: false); None = the bundled SmolLM2-135M-Instruct",
     )
 
 
-class InjectConfig(Section):
-    """How layers are injected (see tli.inject.plan for the exact meaning of each field)."""
+InjectMethod = Literal["tli", "llama-pro", "dus", "stack", "moe"]
+Placement = Literal["uniform", "top", "middle", "bottom"]
+_TLI_LAYOUT = ("interval", "placement", "new_layers", "positions")
+# The fields each method reads: any other inject field set to a value other than its default
+# is an error, not a silent no-op (and on the command line, `tli inject` refuses it whenever
+# it is given).
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "tli": (*_TLI_LAYOUT, "init", "alpha", "source"),
+    "llama-pro": _TLI_LAYOUT,  # identity init, copy of the layer before: nothing to choose
+    "dus": ("overlap",),
+    "stack": ("repeat",),
+    "moe": ("experts", "top_k", "router_init", "expert_noise", "shared_expert_size",
+            "aux_loss_coef", "moe_seed"),
+}  # fmt: skip
 
-    method: Literal["tli", "dus", "stack"] = Field("tli", description="tli | dus | stack")
+
+def methods_using(field: str) -> list[str]:
+    """The inject methods that read ``field`` (in the order of :data:`METHOD_FIELDS`)."""
+    return [m for m, fields in METHOD_FIELDS.items() if field in fields]
+
+
+class InjectConfig(Section):
+    """How layers are injected (see tli.inject.plan for the exact meaning of each field).
+
+    Each method reads only its own fields (:data:`METHOD_FIELDS`); a field of another method set
+    to anything but its default is an error.
+    """
+
+    method: InjectMethod = Field(
+        "tli",
+        description="tli | llama-pro (tli identity, only the new layers trained) | dus | stack "
+        "| moe (MoE upcycling)",
+    )
     interval: int = Field(5, ge=1, description="TLI: one new layer after every K layers")
+    placement: Placement | None = Field(
+        None,
+        description="TLI: where the new layers go: uniform (one after every K layers), top "
+        "(after the last ones, near the output), middle (around the middle), bottom (after the "
+        "first ones); None = uniform",
+    )
+    new_layers: int | None = Field(
+        None, ge=1, description="TLI: how many layers to add; None = N // interval"
+    )
     init: Literal["identity", "copy", "interpolate"] = Field(
         "identity", description="TLI: how a new layer is initialised"
     )
@@ -57,6 +171,55 @@ class InjectConfig(Section):
         None, ge=0, description="DUS: layers dropped from each copy's seam; None = N // 4"
     )
     repeat: int = Field(2, ge=2, description="stack: how many times the stack is repeated")
+    experts: int | None = Field(
+        None, ge=2, description="MoE: experts per layer, each a copy of the dense MLP (required)"
+    )
+    top_k: int | None = Field(
+        None, ge=1, description="MoE: experts each token is routed to (required)"
+    )
+    router_init: Literal["random", "zero"] | None = Field(
+        None,
+        description="MoE: router weights: random (seeded normal, std = initializer_range) or "
+        "zero; None = random",
+    )
+    expert_noise: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="MoE: Drop-Upcycling share of each expert's neurons re-initialised; "
+        "None = 0 (the dense function, exactly)",
+    )
+    shared_expert_size: int | None = Field(
+        None, ge=1, description="MoE (Qwen2 only): shared expert width; None = the dense MLP's"
+    )
+    aux_loss_coef: float | None = Field(
+        None, ge=0, description="MoE: weight of the load-balancing loss in training; None = 0.001"
+    )
+    moe_seed: int | None = Field(
+        None, description="MoE: seed of the router and the expert noise; None = 0"
+    )
+
+    @model_validator(mode="after")
+    def _fields_of_the_method(self) -> InjectConfig:
+        uses = METHOD_FIELDS[self.method]
+        for name, field in type(self).model_fields.items():
+            if name == "method" or name in uses or getattr(self, name) == field.default:
+                continue
+            raise PydanticCustomError(
+                "method_field",
+                "{field} applies to method {owners} only, not {method}: remove it or choose "
+                "that method",
+                {"field": name, "owners": " / ".join(methods_using(name)), "method": self.method},
+            )
+        if self.method == "moe" and (self.experts is None or self.top_k is None):
+            raise PydanticCustomError(
+                "moe_size", "method moe needs experts and top_k (e.g. --experts 8 --top-k 2)"
+            )
+        if self.positions is not None and (self.placement or self.new_layers is not None):
+            raise PydanticCustomError(
+                "positions", "positions lists the new layers itself: remove placement/new_layers"
+            )
+        return self
 
 
 class DataConfig(Section):
@@ -67,7 +230,11 @@ class DataConfig(Section):
         ["wiki", "shakespeare"], description="bundled corpora to use (wiki, shakespeare)"
     )
     extra: list[str] = Field([], description="extra local text / jsonl / parquet files")
-    dataset: str | None = Field(None, description="an HF datasets name (needs network)")
+    dataset: str | None = Field(
+        None,
+        description="a Hub dataset org/name[@revision][:config] (its train split; needs "
+        "runtime.offline: false)",
+    )
     val_fraction: float = Field(0.02, gt=0, lt=0.5, description="share of documents for validation")
     heldout_fraction: float = Field(
         0.02, gt=0, lt=0.5, description="share of documents for held-out loss"
@@ -125,6 +292,13 @@ class TrainConfig(Section):
         description="steps between checkpoints (resume is exact, so not in the version)",
         json_schema_extra={"versioned": False},
     )
+    feed: Literal["memory", "stream"] = Field(
+        "memory",
+        description="how blocks reach the workers: memory (the whole split in every worker) or "
+        "stream (Ray Data reads each worker's own batches from the token cache); both give the "
+        "same batches, so not in the version",
+        json_schema_extra={"versioned": False},
+    )
     validation: Validation = Field(Validation(), description="validation loss during training")
 
 
@@ -148,6 +322,10 @@ class TuneConfig(Section):
     inits: list[Literal["identity", "copy", "interpolate"]] = Field(
         ["identity"], description="inits to try"
     )
+    placements: list[Placement] = Field(
+        ["uniform"],
+        description="where the N // K new layers go, to try: uniform, top, middle, bottom",
+    )
     alphas: list[float] | None = Field(
         None, description="output-projection scales to try; None = each init's own"
     )
@@ -157,7 +335,7 @@ class TuneConfig(Section):
     objective: Literal["loss", "loss_at_equal_compute"] = Field(
         "loss",
         description="what the search minimises: validation loss, or the same with each "
-        "trial's steps cut by its parameter count relative to the smallest trial's",
+        "trial's steps cut so that every trial spends the training FLOPs of the cheapest",
     )
     trial: TrialConfig = Field(TrialConfig(), description="what each trial changes in train")
 
@@ -185,8 +363,33 @@ class EvalConfig(Section):
         return v
 
 
+class TrackingConfig(Section):
+    """Experiment tracking (MLflow, TensorBoard): where the stages' records are also logged.
+
+    Tracking changes no output, so no stage version reads this section; a stage logs when it
+    runs (a cached stage logged when it ran). See :mod:`tli.tracking`.
+    """
+
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, file:...); "
+        "default: $MLFLOW_TRACKING_URI, else no MLflow",
+    )
+    experiment: str | None = Field(
+        None, description="MLflow experiment; default: $MLFLOW_EXPERIMENT_NAME, else tli"
+    )
+    tensorboard: str | None = Field(
+        None,
+        description="folder for TensorBoard event files (<dir>/<stage>/<version>/); relative "
+        "to the store in a pipeline; None = none",
+    )
+    tags: dict[str, str] = Field(
+        {}, description="extra tags on every tracking run (the pipeline adds its run's name)"
+    )
+
+
 class RunConfig(Section):
-    """A whole run: one section per stage."""
+    """A whole run: one section per stage (and ``tracking``, which no stage version reads)."""
 
     base: BaseModelConfig = BaseModelConfig()
     inject: InjectConfig = InjectConfig()
@@ -194,12 +397,25 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = TuneConfig()
     eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("*", mode="before")
     @classmethod
     def _none_is_default(cls, v: Any) -> Any:
         # An empty section in YAML ("train:") parses as None: treat it as "all defaults".
         return {} if v is None else v
+
+    @model_validator(mode="after")
+    def _llama_pro_trains_the_new_layers(self) -> RunConfig:
+        # LLaMA Pro is TLI identity + training only the new layers: one method name for both.
+        if self.inject.method == "llama-pro" and self.train.freeze != "original":
+            raise PydanticCustomError(
+                "llama_pro",
+                "inject.method llama-pro trains only the injected layers, but train.freeze is "
+                "{freeze}: use train.freeze original (or method tli to train them all)",
+                {"freeze": self.train.freeze},
+            )
+        return self
 
 
 def versioned(section: BaseModel) -> dict[str, Any]:
@@ -224,6 +440,7 @@ def _one_line(err: ValidationError) -> str:
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "config"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = msg.removeprefix("Value error, ")  # our own validators' words stand alone
         parts.append(f"{where}: {msg}")
     return "; ".join(parts)
 
@@ -245,6 +462,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         text = p.read_text()
     except OSError as e:
         raise TliError(f"cannot read config file {p}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise TliError(f"config file {p} is not text (not UTF-8): give a YAML file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -288,6 +507,57 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * mult)
 
 
+class DriverResources(Section):
+    """What one stage's Ray job driver reserves (Ray's job entrypoint resources).
+
+    The driver runs on a node where these fit, so a head that offers no CPUs (KubeRay's) never
+    runs a stage's work. A field left None takes the stage's default (:data:`DRIVER_DEFAULTS`).
+    """
+
+    cpus: float | None = Field(None, ge=0, description="CPUs; None = the stage's default")
+    gpus: float | None = Field(
+        None, ge=0, description="GPUs; None = the stage's default (eval: 1 on cuda, else 0)"
+    )
+    memory: int | None = Field(
+        None, ge=1, description="bytes of Ray's memory resource (16GB, 500MB); None = none"
+    )
+    resources: dict[str, float] = Field(
+        {}, description="custom resources, e.g. {'accelerator_type:A100': 0.001}"
+    )
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory_size(cls, v: Any) -> Any:
+        return None if v is None else parse_size(v)
+
+
+class StageDrivers(Section):
+    """Where each stage's Ray job driver runs (placement); changes no output, so in no version."""
+
+    import_base: DriverResources = DriverResources()
+    data: DriverResources = DriverResources()
+    tune: DriverResources = DriverResources()
+    inject: DriverResources = DriverResources()
+    train: DriverResources = DriverResources()
+    eval: DriverResources = DriverResources()
+    report: DriverResources = DriverResources()
+
+
+# The stages' drivers by default. Import, data, inject, eval and report do their work in the
+# driver itself: a whole CPU (eval a GPU too when runtime.device is cuda). Train and tune drivers
+# only steer Ray Train / Tune workers, which reserve their own CPUs and GPUs: a tenth of a CPU,
+# enough to keep them off a head that offers none.
+DRIVER_DEFAULTS: dict[str, dict[str, float]] = {
+    "import-base": {"cpus": 1},
+    "data": {"cpus": 1},
+    "tune": {"cpus": 0.1},
+    "inject": {"cpus": 1},
+    "train": {"cpus": 0.1},
+    "eval": {"cpus": 1},
+    "report": {"cpus": 1},
+}
+
+
 class Runtime(Section):
     """How this run executes: never part of a stage's version (the results do not depend on it).
 
@@ -324,15 +594,80 @@ class Runtime(Section):
     )
     keep_checkpoints: bool = Field(False, description="keep Ray Train's checkpoints in the output")
     compile: bool = Field(False, description="torch.compile the model in each worker (GPUs)")
+    sharded_load: bool = Field(
+        True,
+        description="FSDP workers build the model on the meta device and read only their own "
+        "shards; false: each loads the whole model first, then shards it",
+    )
     peak_tflops: float | None = Field(
         None, gt=0, description="peak bf16 TFLOP/s of one device, for MFU; default: known GPUs"
     )
     progress: bool = Field(True, description="show progress bars")
+    offline: bool = Field(
+        True,
+        description="never reach the Hugging Face Hub; false lets base.model / data.dataset "
+        "name Hub repos (org/name[@revision]), downloaded once into the cache",
+    )
+    storage: str | None = Field(
+        None,
+        description="Ray Train/Tune storage (checkpoints, trial state) that every node sees: "
+        "a shared folder or s3://bucket/prefix (credentials from AWS_* variables); default: "
+        "inside the output being written",
+    )
+    connect_timeout_s: float = Field(
+        30.0, gt=0, description="seconds to wait for a first answer from Ray or a job/KFP API"
+    )
+    scale_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="seconds train/tune wait for a cluster that can grow to offer their workers",
+    )
+    drivers: StageDrivers = Field(
+        StageDrivers(), description="each stage's Ray job driver resources (placement)"
+    )
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_uri(cls, v: str | None) -> str | None:
+        if v is not None and "://" in v:
+            from tli import remote
+
+            if not remote.is_remote(v):
+                raise ValueError(f"{v!r}: give a folder or an s3://bucket/prefix URI")
+            try:
+                remote.parse(v)
+            except TliError as e:
+                raise ValueError(str(e)) from None
+        return v
 
     @field_validator("shard_size", mode="before")
     @classmethod
     def _size(cls, v: Any) -> int:
         return parse_size(v)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str | None) -> str | None:
+        import re
+
+        if v is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"{v!r} is not a device: use cpu, cuda, cuda:N or mps")
+        return v
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it, else a one-line :class:`TliError` (imports torch)."""
+    import torch
+
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (index and int(index) >= n):
+            have = f"{n} CUDA device(s)" if n else "no CUDA GPU"
+            raise TliError(f"--device {device}: this machine has {have}: use --device cpu")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise TliError(f"--device {device}: MPS is not available here: use --device cpu")
+    return device
 
 
 # ---------------------------------------------------------------------------- resolve

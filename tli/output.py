@@ -21,8 +21,10 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -153,6 +155,52 @@ def check_target(target: Path, protect: list[Path]) -> None:
             raise TliError(f"--out {target} lies inside the input {p}: choose a folder outside it")
 
 
+_VERSION_NAME = re.compile(r"[0-9a-f]{16}(-\d+)?")
+# Trees a store never lives in, and too large to scan for one.
+_NOT_STORES = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+def is_store(folder: Path) -> bool:
+    """Whether ``folder`` is a tli stage store (:mod:`tli.pipeline.store`).
+
+    A store is recognised by its hash cache or KFP root, or by a version folder (16 hex
+    digits) holding a store manifest, one level below a stage folder.
+    """
+    folder = Path(folder)
+    if (folder / ".cache" / "hashes.json").is_file() or (folder / ".kfp").is_dir():
+        return True
+    if any(folder == p or folder.is_relative_to(p) for p in _NOT_STORES):
+        return False
+    try:
+        stages = [d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    except OSError:
+        return False
+    for stage in stages:
+        try:
+            versions = [v for v in stage.iterdir() if _VERSION_NAME.fullmatch(v.name)]
+        except OSError:
+            continue
+        for v in versions[:3]:
+            try:
+                with open(v / "manifest.json", "rb") as f:
+                    if b'"tli-store/' in f.read(512):
+                        return True
+            except OSError:
+                continue
+    return False
+
+
+def store_root_of(target: Path) -> Path | None:
+    """The stage store that ``target`` is, or lies inside, if any."""
+    t = Path(target).absolute().resolve()
+    for p in (t, *t.parents):
+        if p == p.parent:  # the filesystem root: never scanned
+            break
+        if p.is_dir() and is_store(p):
+            return p
+    return None
+
+
 def precheck(target: Path, *, force: bool = False, protect: list[Path] = ()) -> None:  # type: ignore[assignment]
     """What :func:`staged` refuses, checked before any work (nothing written)."""
     check_target(Path(target), list(protect))
@@ -209,6 +257,7 @@ def _prepare_partial(
     state = resumable(partial) if (resumable and partial.is_dir()) else None
     if state is not None:
         if resume is True or (resume is None and not force):
+            check_own(partial)
             return state
         if not force:
             raise TliError(
@@ -223,6 +272,37 @@ def _prepare_partial(
     if partial.exists():
         shutil.rmtree(partial)
     return None
+
+
+def check_own(partial: Path) -> None:
+    """Refuse to resume from a partial folder that this user's tli did not write.
+
+    Resuming reads what an interrupted run left, and a search's state is Ray Tune's, which
+    holds pickles: unpickling runs code. So the folder must carry the marker :func:`staged`
+    writes, and every file and folder in it must belong to this user and be writable by no
+    one else.
+    """
+    marker = partial / MARKER
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        info = None
+    why = None
+    if not isinstance(info, dict) or not info.get("resumable"):
+        why = f"it has no {MARKER} marker of a resumable tli run"
+    else:
+        me = os.geteuid()
+        for p in (partial, *partial.rglob("*")):
+            st = p.lstat()
+            open_to_all = st.st_mode & 0o002 and not stat.S_ISLNK(st.st_mode)  # links: 0o777
+            if st.st_uid != me or open_to_all:
+                why = f"{p} belongs to another user or anyone can write to it"
+                break
+    if why is not None:
+        raise TliError(
+            f"will not resume from {partial}: {why}, and tli resumes only from a folder it "
+            "wrote itself: remove it, or pass --force to start over"
+        )
 
 
 @contextlib.contextmanager
@@ -310,15 +390,19 @@ def stale(folder: Path, *, include_resumable: bool = False) -> list[tuple[Path, 
         marker = p / MARKER
         if not p.is_dir() or not marker.is_file() or is_held(lock_of(p)):
             continue
-        try:
-            resumable = bool(json.loads(marker.read_text()).get("resumable"))
-        except (OSError, ValueError):
-            resumable = False
-        if resumable and not include_resumable:
+        if is_resumable(p) and not include_resumable:
             continue
         size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f != marker)
         out.append((p, size))
     return out
+
+
+def is_resumable(partial: Path) -> bool:
+    """Whether a partial folder's marker says it belongs to a resumable stage (train, tune)."""
+    try:
+        return bool(json.loads((partial / MARKER).read_text()).get("resumable"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def remove_stale(partial: Path) -> None:

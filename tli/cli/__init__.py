@@ -9,13 +9,16 @@ line on stderr with exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from tli import __version__
+from tli.drills import drill
 from tli.errors import TliError
 
 # Order here is the order in `tli --help`.
@@ -29,8 +32,10 @@ COMMAND_MODULES = [
     "eval",
     "train",
     "tune",
+    "compare",
     "pipeline",
     "runs",
+    "export",
 ]
 # Commands registered by a module of another name.
 _MODULE_OF = {"import-gguf": "import_base"}
@@ -70,13 +75,84 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+# Write errors that come from the machine, not from tli: one line, like bad input.
+_DISK_ERRORS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "a file grew past the size limit",
+    errno.EROFS: "the filesystem is read-only",
+}
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C (so every ``finally`` and staged output cleans up)."""
+
+
 def _terminate(signum: int, frame: Any) -> None:
     # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: staged outputs remove their partial
     # folders (or keep a resumable one) and local Ray heads are stopped.
-    raise KeyboardInterrupt
+    raise _Stopped
+
+
+def _interrupted(args: argparse.Namespace | None) -> str:
+    """What an interrupted command left, in words (its staged output says what is true)."""
+    if args is None or not getattr(args, "func", None):
+        return "nothing was done"
+    if getattr(args, "command", "") in ("pipeline", "demo"):
+        return "finished stages stay in the store: run it again to continue"
+    if hasattr(args, "resume"):
+        return "a run that reached a checkpoint is kept beside --out: continue it with --resume"
+    return "nothing was written: run the command again"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``tli`` command line; the exit code (0, 1 = failed, 2 = bad input, 130/143).
+
+    Everything, parsing and set-up included, runs inside one ``try``: a Ctrl-C or SIGTERM in
+    the first second is "interrupted" in one line, never a traceback.
+    """
+    previous = _set_sigterm(_terminate)
+    name, args = "tli", None
+    try:
+        argv = sys.argv[1:] if argv is None else argv
+        _offline_env()
+        _, args = _parse(argv)
+        if args is None:
+            return 2
+        name = f"tli {args.command}"
+        _check_out(args)
+        return int(args.func(args) or 0)
+    except TliError as e:
+        sys.stderr.write(f"{name}: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        how = "terminated" if isinstance(e, _Stopped) else "interrupted"
+        sys.stderr.write(f"{name}: {how}: {_interrupted(args)}\n")
+        return 143 if isinstance(e, _Stopped) else 130
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        sys.stderr.write(
+            f"{name}: error: {_DISK_ERRORS[e.errno]}{where}: nothing was kept; free some "
+            "space or write elsewhere (--out, --store)\n"
+        )
+        return 2
+    finally:
+        _set_sigterm(previous)
+
+
+def _set_sigterm(handler: Any) -> Any:
+    """Install a SIGTERM handler; the previous one (None off the main thread: left alone)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (tli called from a thread): keep its handlers
+        return None
+
+
+def _offline_env() -> None:
     # Nothing in tli may reach a model or dataset hub at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -86,26 +162,64 @@ def main(argv: list[str] | None = None) -> int:
     from tli.rayenv import ensure_auth
 
     ensure_auth()
-    argv = sys.argv[1:] if argv is None else argv
+    drill("cli.start", 1)  # a no-op unless a fault drill is armed
+
+
+def _parse(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace | None]:
+    """The parser and the parsed arguments (None: no command given, help printed)."""
     from tli.cli.flags import split_overrides
 
     argv, overrides = split_overrides(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return parser, None
+    if extra:  # named after the command they were given to (argparse names only `tli`)
+        words = [getattr(args, k, None) for k in ("command", "data_command", "action")]
+        prog = " ".join(["tli", *[w for w in words if w]])
+        sys.stderr.write(f"{prog}: error: unrecognized arguments: {' '.join(extra)} "
+                         f"(see {prog} --help)\n")  # fmt: skip
+        raise SystemExit(2)
     if overrides and not hasattr(args, "overrides"):
         parser.error(f"`tli {args.command}` takes no SECTION.FIELD=VALUE overrides")
     args.overrides = overrides if hasattr(args, "overrides") else []
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    try:
-        return int(args.func(args) or 0)
-    except TliError as e:
-        sys.stderr.write(f"tli {args.command}: error: {e}\n")
-        return e.exit_code
-    except KeyboardInterrupt:
-        sys.stderr.write("tli: interrupted\n")
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return parser, args
+
+
+# Arguments that name a command's inputs (files or folders it reads).
+_INPUT_ARGS = ("model", "data", "heldout", "tokenizer", "compare", "file", "base", "config",
+               "upscaled")  # fmt: skip
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Refuse an --out (or --store) that could destroy or write into an input, before any work.
+
+    The stage functions protect the inputs they are given; this adds what only the command line
+    knows (its --config files, every folder named on it) and the stage store: a --out that is,
+    contains or lies inside a store would replace stored versions, which are never rewritten.
+    """
+    from tli.output import check_target, store_root_of
+
+    inputs: list[Path] = []
+    for a in _INPUT_ARGS:
+        v = getattr(args, a, None)
+        for item in v if isinstance(v, list) else [v]:
+            if isinstance(item, str) and item and Path(item).exists():
+                inputs.append(Path(item))
+    out = getattr(args, "out", None)
+    if out and hasattr(args, "force"):
+        check_target(Path(out), inputs)
+        store = store_root_of(Path(out))
+        if store is not None:
+            raise TliError(
+                f"--out {out} lies in the stage store {store}: stored versions are never "
+                "rewritten; choose a folder outside the store"
+            )
+    store = getattr(args, "runtime__store", None)
+    if store and getattr(args, "command", "") in ("pipeline", "demo"):
+        for p in inputs:
+            if Path(store).absolute().resolve().is_relative_to(p.absolute().resolve()):
+                raise TliError(
+                    f"--store {store} lies inside the input {p}: choose a store outside it"
+                )

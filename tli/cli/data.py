@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tli.cli.flags import add_config_args, add_section_flags
+from tli.cli.flags import add_config_args, add_runtime_flags, add_section_flags
 from tli.cli.jobs import add_dry_run
 
 
@@ -34,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--force", action="store_true", help="replace --out if it exists")
     add_dry_run(b)
     add_config_args(b)
+    add_runtime_flags(b, ["offline"])  # --no-offline: data.dataset may name a Hub dataset
     add_section_flags(b, "data")
     b.set_defaults(func=build_handler)
     p.set_defaults(func=lambda args: _no_sub(p))
@@ -47,17 +48,19 @@ def _no_sub(p: argparse.ArgumentParser) -> int:
 def build_handler(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tli.cli.flags import resolve_args
+    from tli import hub
+    from tli.cli.flags import resolve_args, runtime_of
     from tli.cli.jobs import print_job
-    from tli.config import Runtime
     from tli.data.stage import prepare, run_data_build
 
     cfg = resolve_args(args).config.data
+    runtime = runtime_of(args)
     tokenizer = Path(args.tokenizer) if args.tokenizer else None
-    if args.dry_run:
-        print_job(prepare(cfg, {"base": tokenizer} if tokenizer else {}, Runtime()))
-        return 0
-    out = run_data_build(cfg, Path(args.out), tokenizer, force=args.force)
+    with hub.mode(offline=runtime.offline):  # a Hub dataset: online only, cached once
+        if args.dry_run:
+            print_job(prepare(cfg, {"base": tokenizer} if tokenizer else {}, runtime))
+            return 0
+        out = run_data_build(cfg, Path(args.out), tokenizer, force=args.force, runtime=runtime)
     _print_summary(out)
     return 0
 

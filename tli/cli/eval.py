@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handler(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tli.cli.flags import resolve_args, runtime_of
+    from tli import sources
+    from tli.cli.flags import resolve_args, runtime_of, tracked
     from tli.cli.jobs import model_or_base, print_job
     from tli.errors import TliError
 
@@ -68,7 +69,7 @@ def handler(args: argparse.Namespace) -> int:
     run = resolve_args(args).config
     cfg = run.eval
     runtime = runtime_of(args)
-    heldout = Path(args.heldout) if args.heldout else None
+    heldout = sources.local(args.heldout, what="--heldout") if args.heldout else None  # s3://
     if heldout is not None and not heldout.exists() and not args.heldout.startswith("hf:"):
         raise TliError(f"--heldout {heldout} does not exist")
     if args.compare:
@@ -90,8 +91,9 @@ def handler(args: argparse.Namespace) -> int:
         raise TliError("--out is required (the evaluation folder to create)")
     from tli.eval.stage import run_eval
 
-    res = run_eval(model, Path(args.out), cfg, heldout_data=heldout, device=runtime.device,
-                   force=args.force)  # fmt: skip
+    with tracked(run, "eval"):
+        res = run_eval(model, Path(args.out), cfg, heldout_data=heldout, device=runtime.device,
+                       force=args.force)  # fmt: skip
     print(res["table"])
     print(f"written to {args.out}")
     return 0

@@ -13,9 +13,11 @@ Every command resolves its config this way, so a value means the same wherever i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import types
 import typing
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from tli.config import PRESETS, Resolved, RunConfig, Runtime, Section, parse_size, resolve
@@ -23,7 +25,9 @@ from tli.config import PRESETS, Resolved, RunConfig, Runtime, Section, parse_siz
 _SEP = "__"  # argparse dest = "<section>__<field>"
 RUNTIME = "runtime"
 # A command-line override: a dotted key, '=', a value (e.g. train.lr=3e-4).
-OVERRIDE = re.compile(r"^[a-z_]+(\.[a-z_]+)+=")
+OVERRIDE = re.compile(r"^[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)+=")
+# Options whose own value is written KEY=VALUE: the word after them is theirs, not an override.
+KEY_VALUE_OPTIONS = ("--driver",)
 
 
 def _scalar(tp: Any):
@@ -219,9 +223,21 @@ def runtime_of(args: argparse.Namespace, **defaults: Any) -> Runtime:
     return validate(Runtime, {**defaults, **given_flags(args, RUNTIME)}, "flags")  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
+def tracked(run: RunConfig | None, stage: str) -> Iterator[None]:
+    """A standalone command's tracking: the config's ``tracking`` section (else the environment),
+    as the pipeline runner sets it for a stored stage (no store version: none is tagged)."""
+    from tli import tracking
+
+    section = run.tracking if run is not None else None
+    with tracking.tracking_stage(tracking.stage_tracking(section, stage=stage)):
+        yield
+
+
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separate ``KEY=VALUE`` overrides from the other arguments (they may come anywhere)."""
     rest, overrides = [], []
-    for a in argv:
-        (overrides if OVERRIDE.match(a) else rest).append(a)
+    for i, a in enumerate(argv):
+        value_of = i > 0 and argv[i - 1] in KEY_VALUE_OPTIONS  # `--driver eval.gpus=1`
+        (overrides if OVERRIDE.match(a) and not value_of else rest).append(a)
     return rest, overrides

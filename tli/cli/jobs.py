@@ -21,9 +21,14 @@ def print_job(job: Any) -> None:
 
 
 def model_or_base(given: str | None, configured: str | None) -> Path:
-    """``--model``, else ``base.model`` from the config, else the bundled SmolLM2 (cached)."""
+    """``--model``, else ``base.model`` from the config, else the bundled SmolLM2 (cached).
+
+    An ``s3://`` model is fetched once into the cache (:mod:`tli.sources`).
+    """
     if given or configured:
-        return Path(given or configured)  # type: ignore[arg-type]
+        from tli import sources
+
+        return sources.local(given or configured, what="--model" if given else "base.model")  # type: ignore[arg-type]
     from tli.base import import_base
 
     return import_base()

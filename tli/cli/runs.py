@@ -26,8 +26,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     sh.add_argument("version", help="a version (a unique prefix is enough; or STAGE/VERSION)")
     add_runtime_flags(sh, ["store"])
     sh.set_defaults(func=_show)
-    cl = ps.add_parser("clean", help="remove folders left by stages that were killed")
+    cl = ps.add_parser(
+        "clean",
+        help="remove folders left by stages and commands that were killed",
+        description="Remove the unfinished folders that killed runs left: in the stage store "
+        "(default), or with --dir beside the --out of standalone commands (.NAME.partial). "
+        "A folder a live process holds is never touched. Interrupted train/tune runs are "
+        "removed too (their checkpoints with them): resume them first if you want them.",
+    )
     add_runtime_flags(cl, ["store"])
+    cl.add_argument("--dir", action="append", default=[], metavar="DIR",
+                    help="a folder where standalone commands wrote their --out (repeatable); "
+                    "the store is then cleaned only when --store is also given")  # fmt: skip
     cl.add_argument("--dry-run", action="store_true", help="list them, remove nothing")
     cl.set_defaults(func=_clean)
 
@@ -54,10 +64,14 @@ def _inputs_text(m: dict[str, Any]) -> str:
 
 def code_of(m: dict[str, Any]) -> str:
     """``current`` when a stored version was made by the code installed now, else ``other``."""
-    from tli.pipeline.stages import STAGES
+    from tli.errors import TliError
+    from tli.pipeline.stages import get_stage
 
-    stage = STAGES.get(m.get("stage", ""))
-    return "current" if stage is not None and m.get("code") == stage.code() else "other"
+    try:
+        stage = get_stage(m.get("stage", ""))  # pipeline stages and compare's own (method, ...)
+    except TliError:
+        return "other"  # a stage this tli does not have
+    return "current" if m.get("code") == stage.code() else "other"
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -93,16 +107,27 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _clean(args: argparse.Namespace) -> int:
-    store = _open(args)
-    stale = store.stale_temps()
-    for tmp, size in stale:
+    from tli import output
+
+    found: list[tuple[Path, int, str, Any]] = []  # (folder, bytes, shown as, remover)
+    if not args.dir or getattr(args, "runtime__store", None):
+        store = _open(args)
+        for tmp, size in store.stale_temps():
+            found.append((tmp, size, str(tmp.relative_to(store.root)), store.remove_temp))
+    for d in map(Path, args.dir):
+        if not d.is_dir():
+            raise TliError(f"--dir {d} is not a folder")
+        for tmp, size in output.stale(d, include_resumable=True):
+            found.append((tmp, size, str(tmp), output.remove_stale))
+    verb = "would remove" if args.dry_run else "removed"
+    for tmp, size, shown, remove in found:
+        what = " (an interrupted train/tune run)" if output.is_resumable(tmp) else ""
         if not args.dry_run:
-            store.remove_temp(tmp)
-        verb = "would remove" if args.dry_run else "removed"
-        print(f"{verb} {tmp.relative_to(store.root)} ({size / 1e6:,.1f} MB)")
-    total = sum(n for _, n in stale) / 1e6
+            remove(tmp)
+        print(f"{verb} {shown} ({size / 1e6:,.1f} MB){what}")
+    total = sum(n for _, n, _, _ in found) / 1e6
     print(
-        f"{len(stale)} unfinished folder(s), {total:,.1f} MB"
+        f"{len(found)} unfinished folder(s), {total:,.1f} MB"
         + (" (dry run)" if args.dry_run else "")
     )
     return 0
@@ -159,8 +184,11 @@ def _show(args: argparse.Namespace) -> int:
     if m.get("rerun_of"):
         print(f"  a rerun of {m['rerun_of']} that gave a different output")
     code = m.get("code") or "not recorded"
-    print(f"  code {code[:16]} ({code_of(m)}: "
-          + ("the installed tli" if code_of(m) == "current" else "not the installed tli") + ")")
+    print(
+        f"  code {code[:16]} ({code_of(m)}: "
+        + ("the installed tli" if code_of(m) == "current" else "not the installed tli")
+        + ")"
+    )
     print("  params: " + json.dumps(m.get("params"), sort_keys=True))
     pk = m.get("packages") or {}
     print("  packages: " + ", ".join(f"{k} {v}" for k, v in pk.items() if v))

@@ -8,7 +8,8 @@ import sys
 from tli.errors import TliError
 
 RUNTIME_FLAGS = ["ray_address", "threads", "cpus_per_worker", "peak_tflops", "max_failures",
-                 "report_every", "keep_checkpoints", "compile"]  # fmt: skip
+                 "report_every", "keep_checkpoints", "compile", "storage", "connect_timeout_s",
+                 "scale_timeout_s"]  # fmt: skip
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the run completes."
         ),
     )
-    p.add_argument("--model", required=True, help="HF model folder to train")
+    p.add_argument("--model", required=True, help="HF model folder (or s3://...) to train")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
     p.add_argument(
         "--data",
@@ -50,20 +51,24 @@ def handler(args: argparse.Namespace) -> int:
     """Resolve the train config, run :func:`tli.train.stage.run_train`, print where it went."""
     from pathlib import Path
 
-    from tli.cli.flags import resolve_args, runtime_of
+    from tli import sources
+    from tli.cli.flags import resolve_args, runtime_of, tracked
     from tli.cli.jobs import print_job
     from tli.train.stage import prepare, run_train
 
-    cfg = resolve_args(args).config.train
+    run = resolve_args(args).config
+    cfg = run.train
     runtime = runtime_of(args)
-    data = [Path(d) for d in args.data]
+    data = sources.local_all(args.data, what="--data")  # s3:// fetched once into the cache
     data_arg = data[0] if len(data) == 1 else data
+    model = sources.local(args.model, what="--model")
     if args.dry_run:
-        print_job(prepare(cfg, {"model": Path(args.model), "data": data_arg}, runtime))
+        print_job(prepare(cfg, {"model": model, "data": data_arg}, runtime))
         return 0
     try:
-        out = run_train(Path(args.model), Path(args.out), data_arg, cfg, resume=args.resume,
-                        force=args.force, runtime=runtime)  # fmt: skip
+        with tracked(run, "train"):
+            out = run_train(model, Path(args.out), data_arg, cfg, resume=args.resume,
+                            force=args.force, runtime=runtime)  # fmt: skip
     except TliError:
         raise
     except Exception as e:

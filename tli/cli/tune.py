@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT / discard .OUT.partial")
     add_dry_run(p)
     add_config_args(p)
-    add_runtime_flags(p, ["ray_address", "threads", "cpus_per_worker"])
+    add_runtime_flags(p, ["ray_address", "threads", "cpus_per_worker", "storage",
+                          "connect_timeout_s", "scale_timeout_s"])  # fmt: skip
     add_section_flags(p, "tune")
     add_section_flags(p, "train", exclude=_TRAIN_FLAGS_EXCLUDED)
     p.set_defaults(func=handler)
@@ -59,13 +60,17 @@ def handler(args: argparse.Namespace) -> int:
     """Resolve the run config, run :func:`tli.tune.stage.run_tune`, print where results went."""
     from pathlib import Path
 
-    from tli.cli.flags import given_flags, resolve_args, runtime_of
+    from tli import sources
+    from tli.cli.flags import given_flags, resolve_args, runtime_of, tracked
     from tli.cli.jobs import model_or_base, print_job
     from tli.tune.stage import prepare, run_tune
 
     runtime = runtime_of(args)
-    given = args.config or args.preset or args.overrides or any(
-        given_flags(args, s) for s in ("tune", "train")
+    given = (
+        args.config
+        or args.preset
+        or args.overrides
+        or any(given_flags(args, s) for s in ("tune", "train"))
     )
     if args.resume:
         # The interrupted search's saved inputs are used; anything given must match them.
@@ -76,15 +81,16 @@ def handler(args: argparse.Namespace) -> int:
         if not args.data:
             raise TliError("--data is required (a corpus folder or text/jsonl/parquet files)")
         cfg = resolve_args(args).config
-        data = [Path(d) for d in args.data]
+        data = sources.local_all(args.data, what="--data")  # s3:// fetched once into the cache
         model = model_or_base(args.model, cfg.base.model)
     if args.dry_run:
         if cfg is None or model is None or data is None:
             raise TliError("--dry-run needs --data (and the config) of the search to check")
         print_job(prepare(cfg, {"base": model, "data": data}, runtime))
         return 0
-    out = run_tune(model, Path(args.out), data, cfg, resume=args.resume, force=args.force,
-                   runtime=runtime)  # fmt: skip
+    with tracked(cfg, "tune"):
+        out = run_tune(model, Path(args.out), data, cfg, resume=args.resume, force=args.force,
+                       runtime=runtime)  # fmt: skip
     print(f"trials: {out / 'trials.csv'}")
     print(f"best config: {out / 'best.yaml'}")
     print(f"plot: {out / 'tune.png'}")

@@ -42,7 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         dest="action", metavar="ACTION", parser_class=OneLineParser, required=True
     )
 
-    c = ps.add_parser("compile", help="write the pipeline's KFP IR YAML")
+    c = ps.add_parser(
+        "compile",
+        help="write the pipeline's KFP IR YAML",
+        description="Write the pipeline as KFP IR YAML, to upload to Kubeflow Pipelines. Its "
+        "ray_jobs parameter defaults to the head of the cluster in infra/.",
+    )
     c.add_argument("--out", default="pipeline.yaml", help="output file (default: pipeline.yaml)")
     c.add_argument("--image", help="the project image every step runs in (default: tli:VERSION)")
     c.add_argument(
@@ -53,13 +58,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     c.set_defaults(func=_compile)
 
-    r = ps.add_parser("run", help="run the pipeline here with KFP's local runner and local Ray")
+    r = ps.add_parser(
+        "run",
+        help="run the pipeline here with KFP's local runner and local Ray",
+        description="Run every stage here with KFP's local runner, each as a Ray job on a local "
+        "head that this command starts and stops, or on the head whose Jobs API is --ray-jobs. "
+        "Stored versions are reused; --rerun recomputes a stage.",
+    )
     add_run_flags(r)
     add_runtime_flags(r, ["store", "ray_jobs", *STAGE_RUNTIME])
     add_driver_flag(r)
     r.set_defaults(func=_run)
 
-    s = ps.add_parser("submit", help="send the pipeline to a Kubeflow Pipelines API")
+    s = ps.add_parser(
+        "submit",
+        help="send the pipeline to a Kubeflow Pipelines API",
+        description="Compile the pipeline and create a run of it on a Kubeflow Pipelines API, "
+        "with this run's config as its parameters; print the run's URL (--wait: follow it).",
+    )
     s.add_argument(
         "--host",
         help="the KFP API, e.g. http://localhost:8080 (a port-forward of ml-pipeline-ui); "
@@ -153,12 +169,14 @@ def resolve_run(args: argparse.Namespace) -> Resolved:
 
 
 def rerun_stages(values: list[str]) -> list[str]:
-    """The ``--rerun`` names, checked against the stage table."""
-    from tli.pipeline.stages import get_stage
+    """The ``--rerun`` names, checked against the pipeline's stages (not compare's own)."""
+    from tli.pipeline.stages import STAGES
 
     names = [n.strip() for v in values for n in v.split(",") if n.strip()]
     for n in names:
-        get_stage(n)
+        if n not in STAGES:
+            raise TliError(f"--rerun {n}: not a stage of the pipeline: choose from "
+                           f"{', '.join(STAGES)}")  # fmt: skip
     return names
 
 

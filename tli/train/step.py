@@ -706,7 +706,7 @@ def train_in_memory(
 
     The same per-step code as :func:`train_loop_per_worker` with one worker: same data order,
     schedule and optimizer, so the results are identical for the same seed. Ray Tune trials
-    call this with a model built by :func:`tli.inject.stage.inject_in_memory`.
+    call this with a model built by :func:`tli.inject.memory.inject_in_memory`.
 
     Args:
         model: an HF causal LM; trained in place.

@@ -60,6 +60,8 @@ _WORKER_PORTS = (
 # A port picked by bind-and-close can still be taken by someone else before Ray binds it;
 # Ray then fails at start-up with one of these. Seen here ~0.1% of starts: retry once.
 _PORT_CLASH = ("is used by other components", "address already in use", "port conflict")
+# Ray gives a raylet a fixed 30 s to register with the GCS; under heavy load that can pass.
+_RETRYABLE = (*_PORT_CLASH, "timed out during startup")
 
 _counter = itertools.count()
 
@@ -227,7 +229,8 @@ class ProcessCluster:
         """Start one ``ray start --block`` with fresh ports and wait with ``ready``.
 
         ``ready(proc, ports)`` returns once the process serves, or raises. If the process died
-        of a port clash, the whole start is retried once with new ports.
+        of a port clash, or of Ray's fixed 30 s wait for a raylet to register (which a loaded
+        machine can exceed), the whole start is retried once with new ports.
         """
         for attempt in range(2):
             chosen = dict(zip(ports, free_ports(len(ports)), strict=True))
@@ -249,7 +252,7 @@ class ProcessCluster:
             except BaseException:
                 text = _read(log_path)
                 _stop_process(proc, 5)
-                if attempt == 0 and any(m in text.lower() for m in _PORT_CLASH):
+                if attempt == 0 and any(m in text.lower() for m in _RETRYABLE):
                     continue
                 raise
         raise AssertionError("unreachable")

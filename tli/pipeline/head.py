@@ -42,9 +42,6 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 180.0) -> Iterato
     """
     rayenv.ensure_auth()
     tmp = rayenv.temp_dir("head")
-    names = ("port", "dash", "client", "agent_http", "agent_grpc", "runtime_env", "metrics")
-    ports = dict(zip(names, rayenv.free_ports(len(names)), strict=True))
-    cmd = _head_command(tmp, ports, num_cpus or os.cpu_count() or 1)
     env = dict(os.environ)
     # Jobs run `python -m tli.pipeline.runner`: put this interpreter first on the head's PATH so
     # the jobs run in this environment (in the project image `python` is already the right one).
@@ -53,6 +50,45 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 180.0) -> Iterato
         env.setdefault(k, v)
     os.makedirs(tmp, exist_ok=True)
     log_path = os.path.join(tmp, "head.log")
+    for attempt in range(2):
+        proc, address = _start(tmp, env, log_path, num_cpus)
+        try:
+            _wait_ready(proc, address, log_path, timeout_s)
+            break
+        except BaseException as e:  # Ctrl-C included: the head is ours to stop
+            _stop(proc)
+            HEAD_PIDS.discard(proc.pid)
+            # Ray's own start-up races on a busy machine (a port taken between our pick and
+            # Ray's bind; a raylet that misses Ray's fixed 30 s to register): once more.
+            log = Path(log_path).read_text(errors="replace")
+            if not isinstance(e, TliError) or attempt == 1 or not _retryable(log):
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    try:
+        yield address
+    finally:
+        _stop(proc)
+        HEAD_PIDS.discard(proc.pid)
+        shutil.rmtree(tmp, ignore_errors=True)
+        print("tli: local Ray head stopped", flush=True)
+
+
+# What `ray start` says when it lost one of those races.
+_RETRYABLE = ("is used by other components", "address already in use", "port conflict",
+              "timed out during startup")  # fmt: skip
+
+
+def _retryable(log: str) -> bool:
+    return any(m in log.lower() for m in _RETRYABLE)
+
+
+def _start(
+    tmp: str, env: dict[str, str], log_path: str, num_cpus: int | None
+) -> tuple[subprocess.Popen, str]:
+    """Start ``ray start --head`` on fresh ports; ``(process, its job API address)``."""
+    names = ("port", "dash", "client", "agent_http", "agent_grpc", "runtime_env", "metrics")
+    ports = dict(zip(names, rayenv.free_ports(len(names)), strict=True))
+    cmd = _head_command(tmp, ports, num_cpus or os.cpu_count() or 1)
     address = f"http://127.0.0.1:{ports['dash']}"
     print(f"tli: starting a local Ray head (job API {address}, temp dir {tmp})", flush=True)
     with open(log_path, "w") as log:
@@ -66,14 +102,7 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 180.0) -> Iterato
             preexec_fn=_stop_with_parent,
         )
     HEAD_PIDS.add(proc.pid)
-    try:
-        _wait_ready(proc, address, log_path, timeout_s)
-        yield address
-    finally:
-        _stop(proc)
-        HEAD_PIDS.discard(proc.pid)
-        shutil.rmtree(tmp, ignore_errors=True)
-        print("tli: local Ray head stopped", flush=True)
+    return proc, address
 
 
 def _head_command(tmp: str, ports: dict[str, int], num_cpus: int) -> list[str]:

@@ -317,7 +317,9 @@ def check_destination(src: Source, to: str, *, force: bool, offline: bool) -> No
         name = hub.parse(hub.PREFIX + to[len(HUB_SCHEME) :])
         if name is None or name.revision or name.config:
             raise TliError(f"--to {to}: write hf://org/name")
-        hub.check_allowed(name, "--push-to-hub", offline)
+        if offline:  # a destination, not an input: say what pushing needs
+            raise TliError(f"--push-to-hub {name}: pushing to the Hugging Face Hub needs the "
+                           f"network, and tli runs offline: set {hub.OFFLINE_SETTING}")  # fmt: skip
         if hub.hub_offline_env():
             raise TliError("--push-to-hub needs the network, but HF_HUB_OFFLINE=1: unset it")
         if hub.token() is None:

@@ -89,7 +89,7 @@ def test_presets_are_valid_run_configs(preset: str) -> None:
     "argv, needle",
     [
         (["pipeline", "run", "--preset", "huge"], "unknown preset"),
-        (["pipeline", "run", "--rerun", "fit"], "unknown stage"),
+        (["pipeline", "run", "--rerun", "fit"], "--rerun fit: not a stage of the pipeline"),
         (["pipeline", "run", "eval.limit=[1"], "not valid YAML"),
         (["pipeline", "run", "eval.nope=1"], "unknown key"),
         (["pipeline", "run", "--ray-jobs", "http://127.0.0.1:{port}"], "cannot reach"),

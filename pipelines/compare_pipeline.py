@@ -21,7 +21,6 @@ from typing import Any, Optional
 
 from kfp import dsl
 
-from components import IMAGE
 from components.compare import compare_report, method
 from components.data import build_data
 from components.evaluate import evaluate
@@ -92,20 +91,9 @@ def compare_pipeline_for(exp: Any, matched: list, offline: bool = True):
 
 def compile_compare(exp: Any, matched: list, out: Path, image: Optional[str] = None) -> Path:  # noqa: UP045
     """Write experiment ``exp``'s pipeline as KFP IR YAML to ``out`` (steps' image: ``image``)."""
-    import yaml
-    from kfp import compiler
+    from pipelines.local import write_compiled
 
-    out = Path(out)
-    tmp = out.with_name(f".{out.stem}.tmp.yaml")  # KFP insists on the suffix
-    compiler.Compiler().compile(compare_pipeline_for(exp, matched), str(tmp))
-    if image and image != IMAGE:
-        docs = list(yaml.safe_load_all(tmp.read_text()))
-        for ex in docs[0]["deploymentSpec"]["executors"].values():
-            ex["container"]["image"] = image
-        header = "".join(x for x in tmp.read_text().splitlines(True) if x.startswith("#"))
-        tmp.write_text(header + yaml.safe_dump_all(docs, sort_keys=True))
-    tmp.replace(out)
-    return out
+    return write_compiled(compare_pipeline_for(exp, matched), out, image)
 
 
 def run_compare_local(exp: Any, matched: list, *, store: Path, ray_jobs: Optional[str],  # noqa: UP045

@@ -15,16 +15,19 @@ from components import IMAGE
 def compile_pipeline(out: Path, image: str = IMAGE, offline: bool = True) -> Path:
     """Write the pipeline's KFP IR YAML to ``out`` (every step's image set to ``image``;
     ``offline=False``: the online variant, :func:`pipelines.tli_pipeline.pipeline_for`)."""
-    from kfp import compiler
-
     from pipelines.tli_pipeline import pipeline_for
 
-    tli_pipeline = pipeline_for(offline=offline)
+    return write_compiled(pipeline_for(offline=offline), out, image)
+
+
+def write_compiled(pipeline: Any, out: Path, image: str | None = IMAGE) -> Path:
+    """Compile ``pipeline`` to KFP IR YAML at ``out``, every step's image set to ``image``."""
+    from kfp import compiler
 
     out = Path(out)
     tmp = out.with_name(f".{out.stem}.tmp.yaml")  # KFP insists on the suffix
-    compiler.Compiler().compile(tli_pipeline, str(tmp))
-    if image != IMAGE:
+    compiler.Compiler().compile(pipeline, str(tmp))
+    if image and image != IMAGE:
         docs = list(yaml.safe_load_all(tmp.read_text()))
         for ex in docs[0]["deploymentSpec"]["executors"].values():
             ex["container"]["image"] = image

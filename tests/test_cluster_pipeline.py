@@ -28,6 +28,7 @@ from tests import _s3
 from tests._cluster import ProcessCluster
 from tli import remote
 from tli.config import DataConfig, Runtime, StageDrivers
+from tli.pipeline.head import descendants
 from tli.pipeline.jobs import driver_resources, submission_prefix
 from tli.pipeline.runner import run_stage
 from tli.pipeline.store import Store
@@ -312,22 +313,6 @@ def test_train_and_tune_wait_for_a_worker_that_joins_later(
 # ---------------------------------------------------------------------------- kill -9, resume
 
 
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _wait(pred, what: str, timeout: float = 900.0, poll: float = 0.5):
     deadline = time.monotonic() + timeout
     while True:
@@ -385,7 +370,7 @@ def test_kill_9_during_train_in_a_pipeline_run_then_a_rerun_resumes_to_the_same_
         (train_job,) = [j for j in client.list_jobs()
                         if (j.submission_id or "").startswith("tli-train-")]  # fmt: skip
         driver = int(client.get_job_info(train_job.submission_id).driver_info.pid)
-        for pid in [run1.pid, *_descendants(run1.pid)]:
+        for pid in [run1.pid, *descendants(run1.pid)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         os.kill(driver, signal.SIGKILL)

@@ -170,7 +170,7 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
     """PIDs of every process below ``root`` (Linux /proc; empty elsewhere)."""
     children: dict[int, list[int]] = {}
     for d in Path("/proc").glob("[0-9]*"):
@@ -195,8 +195,8 @@ def terminate_children() -> None:
     """
     keep = set(HEAD_PIDS)
     for pid in HEAD_PIDS:
-        keep.update(_descendants(pid))
-    for pid in _descendants(os.getpid()):
+        keep.update(descendants(pid))
+    for pid in descendants(os.getpid()):
         if pid not in keep:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGTERM)

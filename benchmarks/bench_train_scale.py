@@ -184,16 +184,28 @@ def _spec(work: Path, model: Path, data: Path, skip: int, runtime: dict, **train
 
 
 def run_isolated(spec: dict) -> dict:
-    """:func:`one_run` in a fresh Python process (its peak RSS is its own)."""
-    proc = subprocess.run(
-        [sys.executable, __file__, "_one", json.dumps(spec)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+    """:func:`one_run` in a fresh Python process (its peak RSS is its own).
+
+    Started once more when Ray lost a start-up race on a loaded machine (as ``tli``'s own local
+    head is): the run had not begun, so nothing it measures is affected.
+    """
+    from tli.pipeline.head import lost_start_race
+
+    for attempt in range(2):
+        proc = subprocess.run(
+            [sys.executable, __file__, "_one", json.dumps(spec)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode == 0 and lines:
+            return json.loads(lines[-1][len("RESULT ") :])
+        log = proc.stdout + proc.stderr
+        if attempt == 0 and lost_start_race(log):
+            print("Ray lost a start-up race; starting the run once more", flush=True)
+            continue
+        tail = "\n".join(log.splitlines()[-15:])
         raise RuntimeError(f"run failed ({proc.returncode}):\n{tail}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    raise AssertionError("unreachable")
 
 
 # ----------------------------------------------------------------------------- measurements

@@ -333,6 +333,20 @@ def test_sharded_checkpoint_round_trip_is_exact_and_unpickles_nothing(
     index = json.loads((ckpt / "index.json").read_text())
     assert index["world_size"] == 1 and "model.embed_tokens.weight" in index["tensors"]["model"]
     assert "lm_head.weight" not in index["tensors"]["model"]  # tied: stored once
+    # tli writes the shards tensor by tensor from the live weights: still plain safetensors,
+    # as safetensors itself reads them, bitwise the live parameters and AdamW moments.
+    from safetensors.torch import load_file
+
+    written = load_file(ckpt / "model-r00000-of-00001.safetensors")
+    live = dict(r1.raw.named_parameters())
+    assert set(written) == set(index["tensors"]["model"])
+    for name, t in written.items():
+        if name in live:
+            assert torch.equal(t, live[name]), name
+    moments = load_file(ckpt / "optim-r00000-of-00001.safetensors")
+    p0 = live["model.embed_tokens.weight"]
+    exp_avg = r1.optimizer.state[p0]["exp_avg"]
+    assert torch.equal(moments["model.embed_tokens.weight/exp_avg"], exp_avg)
 
     def refuse(*a, **k):
         raise AssertionError("a checkpoint load unpickled something")
@@ -443,12 +457,14 @@ def test_resume_from_a_sharded_checkpoint_onto_one_and_two_workers(
     and on 1 (2 micro-steps: the same 4 sequences a step): both end with the weights of the
     uninterrupted run, bitwise. The gradient clip is out of the way (grad_clip 1e6): its norm
     is summed in another order on one worker, and AdamW turns that last-bit difference into
-    ~1e-5 on near-zero gradients (lr / eps); with the clip on, 2 -> 1 agrees to ~5e-5."""
+    ~1e-5 on near-zero gradients (lr / eps); with the clip on, 2 -> 1 agrees to ~5e-5. In fp32:
+    with bf16 on, FSDP gathers its weights in bf16 (MixedPrecisionPolicy) where one worker
+    autocasts fp32 weights, another rounding of the same step."""
     from ray.train import TrainingFailedError
 
     from tli.train.stage import run_train
 
-    cfg2 = _cfg(feed="stream", grad_clip=1e6)
+    cfg2 = _cfg(feed="stream", grad_clip=1e6, bf16=False)
     straight = run_train(tiny_injected_dir, tmp_path / "straight", corpus_folder, cfg2,
                          runtime=RT)  # fmt: skip
     drill("train.step=3:raise-once")

@@ -65,6 +65,13 @@ JOB_ENV = {
 # a training worker is the job itself, and at 15 it yields the CPU to anything else on the node
 # (SmolLM2 on 2 CPUs: 0.87x a plain loop at 15). Train workers run at 0, as torchrun's would.
 WORKER_NICENESS = {"RAY_worker_niceness": "0"}
+# glibc's malloc serves blocks under its mmap threshold from per-thread heaps, and raises that
+# threshold (up to 32 MiB) each time a larger block is freed: a training step's MiB-sized
+# tensors then come from heaps that keep them after free. An FSDP worker's resident memory grew
+# from 1.2 to 2.0 GiB over three steps (docs/benchmarks.md). A fixed 1 MiB threshold maps every
+# larger tensor on its own and returns it to the system on free; the cost, a few page faults
+# per MiB tensor, is far below a step's compute.
+WORKER_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 DRIVER_CPUS = 0.1  # what a Tune trial's driver function reserves: it only waits on its trainer
 
 
@@ -75,8 +82,9 @@ def job_env(offline: bool = True) -> dict[str, str]:
 
 
 def worker_runtime_env() -> dict[str, Any]:
-    """The runtime env of Train workers: niceness 0, and the fault drill when one is set."""
-    return {"env_vars": {**WORKER_NICENESS, **drills.env()}}
+    """The runtime env of Train workers: niceness 0, glibc's fixed mmap threshold, and the fault
+    drill when one is set."""
+    return {"env_vars": {**WORKER_NICENESS, **WORKER_MALLOC, **drills.env()}}
 
 
 # ---------------------------------------------------------------------------- auth

@@ -322,14 +322,14 @@ def write_checkpoint(
     threads = max(1, min(len(shards), threads or min(os.cpu_count() or 1, 4)))
     if threads == 1:
         for path, shard in zip(paths, shards, strict=True):
-            _write_shard(path, shard, meta, progress)
+            write_file(path, shard, meta, progress)
     else:
         from concurrent.futures import ThreadPoolExecutor
 
         # Largest shards first, so that the last one to start is a short one.
         order = sorted(range(len(shards)), key=lambda i: -sum(t.nbytes for t in shards[i]))
         with ThreadPoolExecutor(threads) as pool:
-            jobs = [pool.submit(_write_shard, paths[i], shards[i], meta, progress) for i in order]
+            jobs = [pool.submit(write_file, paths[i], shards[i], meta, progress) for i in order]
             for job in jobs:
                 job.result()
     written = list(paths)
@@ -342,13 +342,21 @@ def write_checkpoint(
     return written
 
 
-def _write_shard(
+def write_file(
     path: Path,
     shard: list[OutTensor],
     meta: dict[str, str],
-    progress: Callable[[int], None] | None,
+    progress: Callable[[int], None] | None = None,
+    *,
+    drills: str | None = "inject",
 ) -> None:
-    """One shard: header, then every tensor at its offset; zeros are left as holes."""
+    """One safetensors file: header, then every tensor at its offset; zeros are left as holes.
+
+    Tensors are written in the order given (:func:`plan_shards` orders a model's shards), one
+    at a time: a computed tensor's bytes are the only ones held, never the whole file's (as
+    ``safetensors.torch.save_file`` does). ``drills``: the fault-drill points' prefix
+    (``<drills>.run`` after each run of tensors, ``<drills>.shard`` at the end), None for none.
+    """
     head = _header_bytes(shard, meta)
     src_fds: dict[Path, int] = {}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -361,9 +369,11 @@ def _write_shard(
         for run in _copy_runs(shard):
             nbytes = sum(t.nbytes for t in run)
             _write_run(run, fd, pos, src_fds, progress)
-            drill("inject.run", path.name)  # a no-op unless a fault drill is armed
+            if drills:
+                drill(f"{drills}.run", path.name)  # a no-op unless a fault drill is armed
             pos += nbytes
-        drill("inject.shard", path.name)
+        if drills:
+            drill(f"{drills}.shard", path.name)
     finally:
         os.close(fd)
         for sfd in src_fds.values():

@@ -61,7 +61,7 @@ def local_head(num_cpus: int | None = None, timeout_s: float = 180.0) -> Iterato
             # Ray's own start-up races on a busy machine (a port taken between our pick and
             # Ray's bind; a raylet that misses Ray's fixed 30 s to register): once more.
             log = Path(log_path).read_text(errors="replace")
-            if not isinstance(e, TliError) or attempt == 1 or not _retryable(log):
+            if not isinstance(e, TliError) or attempt == 1 or not lost_start_race(log):
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
     try:
@@ -78,7 +78,8 @@ _RETRYABLE = ("is used by other components", "address already in use", "port con
               "timed out during startup")  # fmt: skip
 
 
-def _retryable(log: str) -> bool:
+def lost_start_race(log: str) -> bool:
+    """Whether a Ray start-up log says it lost a race worth one more try (see _RETRYABLE)."""
     return any(m in log.lower() for m in _RETRYABLE)
 
 

@@ -422,8 +422,10 @@ class StepRunner:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             mp = None
-            if self.autocast and self.device.type == "cuda":
-                # Compute in bf16, reduce gradients in fp32: keeps fp32 master weights.
+            if self.autocast:
+                # Gather the weights in bf16, reduce gradients in fp32: fp32 master weights, as
+                # autocast has. Without it autocast casts each gathered fp32 weight to a bf16
+                # copy that autograd keeps to the backward: the bf16 model again, unsharded.
                 mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             kw = {"mp_policy": mp} if mp is not None else {}
             for layer in decoder_layers(model):

@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 
 from tli.errors import TliError
 from tli.inject.arch import ArchSpec, arch_for
-from tli.inject.stio import DTYPE_BYTES, OutTensor, TensorRef
+from tli.inject.stio import DTYPE_BYTES, OutTensor, TensorRef, tensor_bytes
 
 ROUTER_INITS = ("zero", "random")
 _ST_TO_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -413,12 +413,6 @@ def _load(ref: TensorRef):
     return torch.frombuffer(buf, dtype=dtype).reshape(ref.shape)
 
 
-def _bytes(t) -> memoryview:
-    import torch
-
-    return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
-
-
 def router_weight(layer: int, spec: MoeSpec, hidden: int, std: float, dtype):
     """The router of one layer: [E, H], zeros or seeded normal(0, std)."""
     import torch
@@ -560,7 +554,7 @@ def moe_tensors(
 
 def _noised_producer(r: TensorRef, role: str, layer: int, expert: int, spec: MoeSpec):
     def compute() -> memoryview:
-        return _bytes(expert_weight(_load(r), role, layer, expert, spec))
+        return tensor_bytes(expert_weight(_load(r), role, layer, expert, spec))
 
     return compute
 
@@ -575,7 +569,7 @@ def _router_tensor(
     tdtype = _torch_dtype(dtype, name)
 
     def compute() -> memoryview:
-        return _bytes(router_weight(layer, spec, hidden, std, tdtype))
+        return tensor_bytes(router_weight(layer, spec, hidden, std, tdtype))
 
     return OutTensor(name, dtype, shape, nbytes, "compute", compute=compute, home=home.file)
 

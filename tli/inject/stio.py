@@ -166,6 +166,14 @@ class OutTensor:
     home: Path | None = None  # the input file this tensor (or its layer) comes from
 
 
+def tensor_bytes(t) -> memoryview:
+    """A CPU tensor's bytes, as a "compute" :class:`OutTensor` returns them (no copy when the
+    tensor is contiguous)."""
+    import torch
+
+    return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())  # [nbytes]
+
+
 def copy_range(
     src_fd: int,
     dst_fd: int,

@@ -16,7 +16,7 @@ from typing import Any
 from tli.errors import TliError
 from tli.inject.arch import ArchSpec
 from tli.inject.plan import LayerSpec, Plan
-from tli.inject.stio import OutTensor, TensorRef
+from tli.inject.stio import OutTensor, TensorRef, tensor_bytes
 
 # Families whose config class derives `layer_types` when config.json does not list it.
 _DERIVES_LAYER_TYPES = {"qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text", "smollm3", "cohere2"}
@@ -148,7 +148,7 @@ def _out_tensor(
 
     def compute() -> memoryview:
         t = blend([_load(r) for r in refs], s.out_scale, resid)
-        return memoryview(t.contiguous().view(-1).view(__import__("torch").uint8).numpy())
+        return tensor_bytes(t)
 
     return OutTensor(
         name, src.dtype, src.shape, src.nbytes, "compute", compute=compute, home=src.file

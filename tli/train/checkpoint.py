@@ -179,13 +179,9 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _live_bytes(t: torch.Tensor):
-    def produce() -> memoryview:
-        import torch
+    from tli.inject.stio import tensor_bytes
 
-        c = t.to("cpu").contiguous()  # no copy for a contiguous CPU tensor; one GPU tensor
-        return memoryview(c.reshape(-1).view(torch.uint8).numpy())  # [nbytes]
-
-    return produce
+    return lambda: tensor_bytes(t.to("cpu"))  # no copy of a CPU tensor; one GPU tensor at a time
 
 
 def _with_files(index: dict[str, dict[str, Any]], world: int) -> dict[str, dict[str, Any]]:
@@ -399,10 +395,6 @@ def _width(code: str) -> int:
 
 
 def _producer(src: CheckpointTensors, name: str, code: str):
-    def produce() -> memoryview:
-        import torch
+    from tli.inject.stio import tensor_bytes
 
-        t = src.read(name).to(torch_dtype(code, name)).contiguous()  # [*shape]
-        return memoryview(t.view(-1).view(torch.uint8).numpy())
-
-    return produce
+    return lambda: tensor_bytes(src.read(name).to(torch_dtype(code, name)))  # [*shape]

@@ -13,6 +13,9 @@ Ray) in a fresh subprocess, so that each process's peak RSS is its own:
 - ``fsdp``: peak RSS per worker for 1, 2 and 4 CPU workers (gloo) on a ~1.2 GB fp32 model (a
   random Llama: hidden 1024, 16 layers, vocab 49152, injected to 18 layers; the 2 injected
   layers trained), FSDP2 with sharded loading against every worker loading the whole model.
+  The files hold bf16, as published checkpoints do (``--store float32`` for fp32 files);
+  training keeps fp32 weights. Each worker's resident memory before the model, its peak
+  through loading and sharding, and its peak over the run come from ``tli_train.json``.
 - ``throughput``: steady-state tokens/s on the demo (SmolLM2 30 -> 36, injected layers, bf16,
   the demo corpus), ``memory`` and ``stream`` interleaved (memory, stream, memory, stream, ...)
   so that load from others on the machine hits both alike.
@@ -20,7 +23,7 @@ Ray) in a fresh subprocess, so that each process's peak RSS is its own:
 Usage::
 
     python benchmarks/bench_train_scale.py corpus [--sizes 1,10,100] [--feeds memory,stream]
-    python benchmarks/bench_train_scale.py fsdp [--workers 1,2,4]
+    python benchmarks/bench_train_scale.py fsdp [--workers 1,2,4] [--store bfloat16|float32]
     python benchmarks/bench_train_scale.py throughput [--rounds 2] [--steps 20]
 """
 
@@ -50,14 +53,15 @@ GIB = 1024**3
 # ----------------------------------------------------------------------------- inputs
 
 
-def llama(work: Path, name: str, hidden: int, layers: int, inter: int, heads: int, kv: int):
-    """A random Llama with SmolLM2's tokenizer, saved once as an HF folder."""
+def llama(work: Path, name: str, hidden: int, layers: int, inter: int, heads: int, kv: int,
+          dtype: str = "float32"):  # fmt: skip
+    """A random Llama with SmolLM2's tokenizer, saved once as an HF folder in ``dtype``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tli.base import import_base
 
-    out = work / name
+    out = work / (name if dtype == "float32" else f"{name}-{dtype}")
     if (out / "config.json").is_file():
         return out
     torch.manual_seed(0)
@@ -65,7 +69,7 @@ def llama(work: Path, name: str, hidden: int, layers: int, inter: int, heads: in
                       num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv, max_position_embeddings=2048,
                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(out)
+    LlamaForCausalLM(cfg).to(getattr(torch, dtype)).save_pretrained(out)
     real = import_base()
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(real / f, out / f)
@@ -166,6 +170,9 @@ def one_run(spec: dict) -> dict:
     return {
         "driver_peak_rss": peak_rss(),
         "worker_peak_rss": [w.get("peak_rss_bytes") for w in prov["workers"]],
+        "worker_memory": [
+            {k: v for k, v in w.items() if k.endswith("_bytes")} for w in prov["workers"]
+        ],  # fmt: skip
         "tokens_per_s": tokens / span if span > 0 else None,
         "outside_step_fraction": 1.0 - inside / span if span > 0 else None,
         # Time the steps spent waiting for their blocks (the feed), as a share of the same span.
@@ -248,12 +255,12 @@ def bench_corpus(work: Path, args) -> list[dict]:
 def bench_fsdp(work: Path, args) -> list[dict]:
     from tli.modelfolder import ModelFolder
 
-    big = injected(llama(work, "big", 1024, 16, 4096, 16, 4), 8)
+    big = injected(llama(work, "big", 1024, 16, 4096, 16, 4, dtype=args.store), 8)
     one = demo_corpus(work, big)
     folder = ModelFolder.open(big)
     fp32 = folder.parameters * 4
     print(f"model: {folder.parameters / 1e6:,.0f}M parameters, {fp32 / GIB:.2f} GiB in fp32, "
-          f"{folder.num_layers} layers", flush=True)  # fmt: skip
+          f"{folder.num_layers} layers, stored in {args.store}", flush=True)  # fmt: skip
     rows = []
     for w in [int(x) for x in args.workers.split(",")]:
         for sharded in [True, False] if w > 1 else [False]:
@@ -265,13 +272,16 @@ def bench_fsdp(work: Path, args) -> list[dict]:
             print(f"{w} worker(s), {how} ({_load()})", flush=True)
             rows.append({"workers": w, "load": how, "params_fp32": fp32, **run_isolated(spec)})
             print(json.dumps(rows[-1]), flush=True)
-    print("\n| workers | load | peak RSS per worker (GiB, max over ranks) | x fp32 params | "
-          "driver (GiB) |")  # fmt: skip
-    print("|---|---|---|---|---|")
+    print("\n| workers | load | before the model | peak through loading | peak | "
+          "peak - before, x fp32 params | driver peak |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        peak = max(r["worker_peak_rss"])
-        print(f"| {r['workers']} | {r['load']} | {_gib(peak)} | {peak / fp32:.2f} | "
-              f"{_gib(r['driver_peak_rss'])} |")  # fmt: skip
+        # The rank with the highest peak; every figure in GiB but the ratio.
+        m = max(r["worker_memory"], key=lambda x: x["peak_rss_bytes"])
+        grown = m["peak_rss_bytes"] - m["rss_before_model_bytes"]
+        print(f"| {r['workers']} | {r['load']} | {_gib(m['rss_before_model_bytes'])} | "
+              f"{_gib(m['peak_rss_load_bytes'])} | {_gib(m['peak_rss_bytes'])} | "
+              f"{grown / fp32:.2f} | {_gib(r['driver_peak_rss'])} |")  # fmt: skip
     return rows
 
 
@@ -316,6 +326,12 @@ def main() -> int:
     ap.add_argument("--sizes", default="1,10,100")
     ap.add_argument("--feeds", default="memory,stream")
     ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument(
+        "--store",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="fsdp: the dtype the model's files hold (published checkpoints: bf16)",
+    )
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--skip", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)

@@ -208,6 +208,8 @@ def test_two_workers_train_only_the_injected_layers(ray_local, tiny_injected_dir
     prov = json.loads((out / "tli_train.json").read_text())
     assert [w["rank"] for w in prov["workers"]] == [0, 1]
     assert [w["niceness"] for w in prov["workers"]] == [0, 0]  # Ray's default would be 15
+    for w in prov["workers"]:  # the memory marks: the process alone <= through loading <= run
+        assert 0 < w["rss_before_model_bytes"] <= w["peak_rss_load_bytes"] <= w["peak_rss_bytes"]
     # Freeze: every original tensor is bitwise unchanged; every injected layer moved.
     new = read_plan(tiny_injected_dir).new_layers
     before, after = _weights(tiny_injected_dir), _weights(model_out)

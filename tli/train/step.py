@@ -371,6 +371,9 @@ class StepRunner:
         self.tokens = 0  # tokens trained on, all workers
         self.elapsed = 0.0  # training seconds, summed over resumed runs
         self.placement: list[dict[str, Any]] = []  # where each worker ran (set by the Ray loop)
+        # Resident memory before the model and at its high-water mark once it is loaded and
+        # sharded (set by the Ray loop): what a run's peak is made of, in tli_train.json.
+        self.memory_marks: dict[str, int] = {}
         self.val_blocks: torch.Tensor | None = None  # held-out blocks (set by the Ray loop)
 
     def _place(self, model: Any, weights: Any) -> Any:
@@ -633,7 +636,7 @@ class StepRunner:
         import torch
         import torch.distributed as dist
 
-        me: dict[str, Any] = {"rank": self.rank, "peak_rss_bytes": peak_rss()}
+        me: dict[str, Any] = {"rank": self.rank, **self.memory_marks, "peak_rss_bytes": peak_rss()}
         if self.device.type == "cuda":
             me["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(self.device)
         if self.world == 1 or not dist.is_initialized():
@@ -650,16 +653,28 @@ def peak_rss() -> int:
     is not: it keeps the maximum across ``exec``, so a process forked from a big one (a Ray
     worker from its raylet, a subprocess from a benchmark) would report its parent's size.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def current_rss() -> int | None:
+    """This process's resident memory now, in bytes (None where /proc is not there)."""
+    return _proc_status_bytes("VmRSS")
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return None
 
 
 def live_line(m: dict[str, Any], steps: int) -> str:

@@ -19,7 +19,7 @@ from tli.config import TrainConfig
 from tli.drills import drill
 from tli.rayenv import WorkerPlan, worker_runtime_env
 from tli.train.checkpoint import CKPT_STATE, CheckpointTensors, load_checkpoint, save_checkpoint
-from tli.train.step import StepRunner, eval_due, live_line
+from tli.train.step import StepRunner, current_rss, eval_due, live_line, peak_rss
 
 
 def make_trainer(
@@ -176,6 +176,7 @@ def _start(
     else:
         device = torch.device("cpu")
     ckpt = ray.train.get_checkpoint()
+    before = current_rss()
     with contextlib.ExitStack() as stack:
         ckpt_dir = Path(stack.enter_context(ckpt.as_directory())) if ckpt else None
         model, weights = _model_and_weights(config, cfg, world, ckpt_dir)
@@ -192,6 +193,8 @@ def _start(
                 print(f"resuming from step {runner.step} ({ckpt_dir.name}, written by "
                       f"{_writers(ckpt_dir)} worker(s)) on {world}", flush=True)  # fmt: skip
     runner.placement = _placement(rank, world, device)
+    if before is not None:  # the process alone, then its high-water mark through the load
+        runner.memory_marks = {"rss_before_model_bytes": before, "peak_rss_load_bytes": peak_rss()}
     if rank == 0 and runner.step == 0:
         print(
             f"training {runner.trainable:,} of {runner.total:,} parameters "

@@ -270,21 +270,13 @@ def markdown(s: dict[str, Any], pngs: list[str]) -> str:
 
 def plots(s: dict[str, Any], out: Path) -> list[str]:
     """Draw the PNGs into ``out``; return the names of those drawn."""
-    import matplotlib
+    from tli.figures import pyplot, save_all
 
-    matplotlib.use("Agg")  # no display
-    import matplotlib.pyplot as plt
-
-    made = []
-    for name, draw in zip(PLOTS, (_plot_curves, _plot_loss, _plot_accuracy), strict=True):
-        fig = draw(plt, s)
-        if fig is None:
-            continue
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        made.append(name)
-    return made
+    plt = pyplot()
+    draws = (_plot_curves, _plot_loss, _plot_accuracy)
+    return save_all(
+        out, [(name, lambda d=d: d(plt, s)) for name, d in zip(PLOTS, draws, strict=True)]
+    )
 
 
 def _plot_curves(plt: Any, s: dict[str, Any]) -> Any:

@@ -88,25 +88,14 @@ def _plots(
     heldout: dict[str, float | None],
 ) -> list[str]:
     """Draw the PNGs into ``out``; return their file names in order."""
-    import matplotlib
+    from tli.figures import pyplot, save_all
 
-    matplotlib.use("Agg")  # no display; the same bytes on every machine
-    import matplotlib.pyplot as plt
-
-    made = []
-    for name, draw in (
+    plt = pyplot()
+    return save_all(out, [
         ("tune_trials.png", lambda: _plot_trials(plt, trials)),
         ("train_loss.png", lambda: _plot_training(plt, metrics)),
         ("models.png", lambda: _plot_models(plt, heldout, params)),
-    ):
-        fig = draw()
-        if fig is None:
-            continue
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
-        made.append(name)
-    return made
+    ])  # fmt: skip
 
 
 def _plot_trials(plt: Any, trials: list[dict[str, str]]) -> Any:

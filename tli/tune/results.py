@@ -295,11 +295,9 @@ def search_markdown(rows: list[dict[str, Any]], rep: dict[str, Any]) -> str:
 
 def write_plot(rows: list[dict[str, Any]], path: Path, objective: str) -> None:
     """``tune.png``: validation loss per trial vs step and vs training FLOPs (equal compute)."""
-    import matplotlib
+    from tli.figures import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for row in sorted(rows, key=lambda r: r["trial"]):
         pts = _curve(row)
@@ -323,9 +321,7 @@ def write_plot(rows: list[dict[str, Any]], path: Path, objective: str) -> None:
     for ax in (ax1, ax2):
         if ax.lines:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def print_summary(rows: list[dict[str, Any]], file: Any = None) -> None:

@@ -102,20 +102,23 @@ def test_eval_cli_writes_results_and_table(
     tiny_model_dir: Path,
     corpus_dir: Path,  # noqa: F811
     tmp_path: Path,
-    capsys,
+    capfd,
+    monkeypatch,
 ):
     out = tmp_path / "ev"
     args = ["eval", "--model", str(tiny_model_dir), "--out", str(out), "--heldout", str(corpus_dir)]
     args += ["--tasks", "arc_easy,lambada", "--limit", "3", "--heldout-blocks", "2"]
+    monkeypatch.chdir(tmp_path)  # outside any git repository, as a user's job often is
     assert main(args + ["--heldout-seq-len", "64"]) == 0
-    printed = capsys.readouterr().out
+    printed, errors = capfd.readouterr()
+    assert "not a git repository" not in errors  # lm-eval's `git describe` is not run
     assert "| arc_easy | acc |" in printed and "| lambada_openai | acc |" in printed
     assert "held-out (2x64) | bits_per_byte" in printed
     res = json.loads((out / "results.json").read_text())
     for task in ("arc_easy", "lambada_openai"):
         assert 0.0 <= res["results"][task]["acc,none"] <= 1.0
         assert res["n-samples"][task]["effective"] == 3
-    assert res["versions"]["arc_easy"] == 1.0
+    assert res["versions"]["arc_easy"] == 1.0 and res["git_hash"] is None
     held = json.loads((out / "heldout.json").read_text())
     assert held["blocks"] == 2 and held["tokens"] == 2 * 63 and held["bits_per_byte"] > 0
     assert (out / "results.md").read_text().strip() in printed

@@ -55,6 +55,25 @@ def _quiet_lm_eval(level: int = logging.ERROR) -> Iterator[None]:
             logging.getLogger(n).removeFilter(_DROP_HINTS)
 
 
+@contextmanager
+def _no_git_describe() -> Iterator[None]:
+    """Keep ``simple_evaluate`` from running ``git describe`` in the working directory.
+
+    The commit it records (``git_hash``) is of whatever repository the process was started in,
+    not of the model, the tasks or tli (``provenance.json`` records those), and outside a
+    repository git prints "fatal: not a git repository" into the user's output. The result's
+    ``git_hash`` is null instead.
+    """
+    import lm_eval.evaluator as ev
+
+    old = ev.get_git_commit_hash
+    ev.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        ev.get_git_commit_hash = old
+
+
 def default_device() -> str:
     """``cuda`` when a GPU is visible, else ``cpu``."""
     import torch
@@ -99,12 +118,13 @@ def run_lm_eval(
             # include_defaults=False skips indexing lm-eval's ~14,700 built-in tasks (~10 s)
             tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=not offline_only)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-        return lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            task_manager=tm,
-            log_samples=False,
-            bootstrap_iters=1000,
-        )
+        with _no_git_describe():
+            return lm_eval.simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=tm,
+                log_samples=False,
+                bootstrap_iters=1000,
+            )

@@ -24,6 +24,24 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     _SESSION.append(session)
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """After failures, say what the machine had left: a run of failures from one test on is
+    most often a full disk or exhausted memory, which a CI log shows nowhere else."""
+    if exitstatus == 0:
+        return
+    import psutil
+
+    tmp = config._tmp_path_factory.getbasetemp()
+    disk = shutil.disk_usage(tmp)
+    mem = psutil.virtual_memory()
+    gib = 1 << 30
+    terminalreporter.write_line(
+        f"machine at the end: {disk.free / gib:.1f} GiB free on the tests' disk, "
+        f"{mem.available / gib:.1f} of {mem.total / gib:.1f} GiB memory available, "
+        f"{len(psutil.pids())} processes"
+    )
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config) -> None:
     """End the test process with pytest's own exit status once pytest has reported everything.
